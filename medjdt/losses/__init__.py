@@ -1,1 +1,28 @@
-"""medjdt.losses."""
+"""Soft-label segmentation losses.
+
+- :class:`JDTLoss` (and :class:`JaccardMetricLoss`, :class:`DiceSemimetricLoss`): Jaccard/Dice/Tversky losses
+  that are correct for soft labels, with dataset/image/class reductions and cross-rank cardinalities.
+- :class:`SoftTargetCrossEntropy`: cross-entropy for hard or soft targets with masks.
+- :class:`SegmentationLoss`: the weighted mix of the two used in training.
+- Functional core for probabilities (e.g. distillation from a teacher): :func:`jdt_loss`,
+  :func:`soft_cardinalities`, :func:`hard_cardinalities`, :func:`tversky_loss`.
+"""
+
+from medjdt.losses.cardinalities import hard_cardinalities, soft_cardinalities
+from medjdt.losses.cross_entropy import SoftTargetCrossEntropy
+from medjdt.losses.jdt import DiceSemimetricLoss, JaccardMetricLoss, JDTLoss, activate, jdt_loss
+from medjdt.losses.reduction import tversky_loss
+from medjdt.losses.segmentation import SegmentationLoss
+
+__all__ = [
+    "DiceSemimetricLoss",
+    "JDTLoss",
+    "JaccardMetricLoss",
+    "SegmentationLoss",
+    "SoftTargetCrossEntropy",
+    "activate",
+    "hard_cardinalities",
+    "jdt_loss",
+    "soft_cardinalities",
+    "tversky_loss",
+]

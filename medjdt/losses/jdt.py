@@ -1,0 +1,272 @@
+"""The Jaccard-Dice-Tversky loss family for soft and hard labels: JML, DML and their Tversky generalisation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from medjdt.losses._inputs import check_activation, check_ignore_index, check_logits, prepare_target
+from medjdt.losses.cardinalities import (
+    _check_p_variant,
+    _hard_cardinalities,
+    _soft_cardinalities,
+    compute_dtype,
+    target_max,
+)
+from medjdt.losses.distributed import all_reduce_max, all_reduce_sum
+from medjdt.losses.reduction import class_mean, dataset_mean, image_mean, parse_reduction, tversky_loss
+
+__all__ = ["DiceSemimetricLoss", "JDTLoss", "JaccardMetricLoss", "activate", "jdt_loss"]
+
+_ACTIVE_MODES = ("all", "present")
+
+
+def _check_number(name: str, value: float, low: float, low_inclusive: bool = True) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if low_inclusive else value > low)
+    if not ok:
+        relation = ">=" if low_inclusive else ">"
+        raise ValueError(f"{name} must be a finite number {relation} {low}, got {value!r}")
+    return float(value)
+
+
+def activate(logits: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """Probabilities ``(B, C, *spatial)`` from logits of any floating dtype, in float32 (float64 stays float64).
+
+    ``"softmax"`` over the channels, ``"sigmoid"`` per channel, None for inputs that already are
+    probabilities. Autocast is disabled here so fp16/bf16 logits give float32 probabilities.
+    """
+    dtype = compute_dtype(logits.dtype)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        if activation == "softmax":
+            return torch.softmax(logits, dim=1, dtype=dtype)
+        if activation == "sigmoid":
+            return torch.sigmoid(logits.to(dtype))
+        return logits.to(dtype)
+
+
+class JDTLoss(nn.Module):
+    """Jaccard/Dice/Tversky loss that is correct for soft labels.
+
+    Per class the loss is ``1 - T`` (or ``-log T``) with the Tversky index ``T = (TP + s) / (TP + alpha*FP +
+    beta*FN + s)``; a class with neither prediction nor target and ``s = 0`` counts as a perfect match (T = 1).
+    With ``alpha = beta = 1`` this is the Jaccard metric loss (JML), with ``alpha = beta = 0.5`` the Dice
+    semimetric loss (DML). On hard labels both equal the classic soft Jaccard / soft Dice losses; on soft
+    labels they are zero only where the prediction equals the target.
+
+    Cardinalities (per image and class, over unmasked voxels, summed in float32, or float64 for float64 input):
+
+    - ``variant=1``: ``TP = (|x|_p^p + |y|_p^p - |x - y|_p^p) / 2``, ``FP = |x|_p^p - TP``, ``FN = |y|_p^p - TP``.
+    - ``variant=2`` (p = 1 only): ``TP = sum x*y``, ``FP = sum max(x - y, 0)``, ``FN = sum max(y - x, 0)``.
+
+    Reductions:
+
+    - ``"dataset"``: sum TP, FP, FN over the batch and voxels per class, then mean over active classes.
+    - ``"image"``: per image, mean over its active classes, then mean over images that have one.
+    - ``"class"``: per class, mean over the images where it is active, then mean over classes.
+    - a dict of weights such as ``{"image": 0.5, "class": 0.5}`` sums the weighted reductions.
+
+    A class is active everywhere with ``active_classes="all"``; with ``"present"`` it is active where the
+    largest target value over the reduced dims exceeds ``threshold`` (for the dataset reduction: over the
+    whole batch). Class means are weighted by ``class_weights``. If nothing is active the loss is 0, still
+    attached to the graph.
+
+    Distributed training: with ``sync_ranks=True`` and an initialised ``torch.distributed`` process group,
+    the dataset reduction sums the cardinalities over all ranks before forming the ratio (and agrees on the
+    present classes over all ranks). Every rank then returns the same loss value, the one a single process
+    gets on the concatenated batch. Gradient convention: on each rank the gradient with respect to its own
+    logits is ``world_size`` times the full-batch gradient of those logits, so DDP's averaging of parameter
+    gradients over ranks yields exactly the full-batch gradient. The image and class reductions are computed
+    per rank (DDP's averaging makes them a mean over ranks). The sync is a collective operation: call the loss
+    on every rank, or pass ``sync_ranks=False`` where only some ranks compute it.
+
+    Args:
+        alpha: weight of FP, >= 0.
+        beta: weight of FN, >= 0 (``alpha + beta > 0``).
+        variant: 1 or 2, the cardinality formulas above.
+        reduction: ``"dataset"``, ``"image"``, ``"class"``, or a dict of non-negative weights over them.
+        active_classes: ``"all"`` or ``"present"``.
+        threshold: a class is present where its largest target value exceeds this, in [0, 1).
+        smooth: the smoothing term ``s`` >= 0, added to numerator and denominator.
+        p: exponent of the Lp cardinalities, a finite number >= 1.
+        log_loss: use ``-log T`` instead of ``1 - T``.
+        gamma: per-class losses are raised to this power (focal form when > 1), > 0.
+        class_weights: one non-negative weight per channel of the logits (C values), or None for equal weights.
+        ignore_index: hard-label value whose voxels are excluded; does not apply to soft targets (use ``mask``).
+        include_background: if False, channel 0 is left out of the loss (needs C >= 2).
+        activation: ``"softmax"`` (multi-class), ``"sigmoid"`` (multi-label, or binary with one channel), or
+            None when the input already holds probabilities in [0, 1].
+        sync_ranks: sum the dataset cardinalities over ranks under ``torch.distributed``.
+
+    Inputs of :meth:`forward`:
+        logits: ``(B, C, *spatial)`` floating, 2 or 3 spatial dims (probabilities if ``activation=None``).
+        target: hard labels ``(B, *spatial)`` integer class indices in ``[0, C)`` (a {0, 1} foreground mask when
+            C = 1), or soft labels ``(B, C, *spatial)`` floats in [0, 1]. Soft targets need not sum to 1 over
+            channels (label smoothing and fusion produce sums of 1, but nothing else requires it).
+        mask: optional ``(B, *spatial)`` bool, True for voxels that count; excluded voxels contribute nothing
+            to any cardinality.
+
+    Returns:
+        A scalar tensor, float32 (float64 for float64 logits).
+
+    Raises:
+        ValueError: for bad arguments in ``__init__``, and in ``forward`` for shape or dtype mismatches, a wrong
+            number of channels or class weights, soft targets outside [0, 1], class indices out of range,
+            NaN/Inf logits, or probabilities outside [0, 1] (``activation=None``).
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        variant: int = 1,
+        reduction: str | dict[str, float] = "dataset",
+        active_classes: str = "all",
+        threshold: float = 0.01,
+        smooth: float = 1.0,
+        p: float = 1,
+        log_loss: bool = False,
+        gamma: float = 1.0,
+        class_weights: Sequence[float] | None = None,
+        ignore_index: int | None = None,
+        include_background: bool = True,
+        activation: str | None = "softmax",
+        sync_ranks: bool = True,
+    ) -> None:
+        super().__init__()
+        self.alpha = _check_number("alpha", alpha, 0.0)
+        self.beta = _check_number("beta", beta, 0.0)
+        if self.alpha + self.beta == 0:
+            raise ValueError("alpha and beta must not both be 0 (the index would be constantly 1)")
+        _check_p_variant(p, variant)
+        self.variant, self.p = variant, float(p)
+        self.reduction = parse_reduction(reduction)
+        if active_classes not in _ACTIVE_MODES:
+            raise ValueError(f"active_classes must be one of {_ACTIVE_MODES}, got {active_classes!r}")
+        self.active_classes = active_classes
+        self.threshold = _check_number("threshold", threshold, 0.0)
+        if self.threshold >= 1:
+            raise ValueError(f"threshold must be < 1 (no class could be present), got {threshold!r}")
+        self.smooth = _check_number("smooth", smooth, 0.0)
+        self.log_loss = bool(log_loss)
+        self.gamma = _check_number("gamma", gamma, 0.0, low_inclusive=False)
+        check_ignore_index(ignore_index)
+        self.ignore_index = ignore_index
+        self.include_background = bool(include_background)
+        check_activation(activation)
+        self.activation = activation
+        self.sync_ranks = bool(sync_ranks)
+        weights = None
+        if class_weights is not None:
+            weights = torch.as_tensor(class_weights, dtype=torch.float32)
+            if weights.ndim != 1 or weights.numel() == 0:
+                raise ValueError(f"class_weights must be a non-empty 1-D sequence, got shape {tuple(weights.shape)}")
+            if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+                raise ValueError(f"class_weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of ``logits`` ``(B, C, *spatial)`` against ``target`` (see the class docstring) -> scalar."""
+        check_logits(logits, self.activation)
+        prepared = prepare_target(logits, target, mask, self.ignore_index)
+        channels = logits.shape[1]
+        if self.class_weights is not None and self.class_weights.numel() != channels:
+            raise ValueError(
+                f"class_weights has {self.class_weights.numel()} values but logits have {channels} channels"
+            )
+        if not self.include_background and channels < 2:
+            raise ValueError(f"include_background=False needs at least 2 channels, got logits {tuple(logits.shape)}")
+
+        probs = activate(logits, self.activation)
+        present = None
+        if prepared.labels is not None:
+            tp, fp, fn, count = _hard_cardinalities(probs, prepared.labels, prepared.mask, self.p)
+            if self.active_classes == "present":
+                present = (count > 0).to(tp.dtype)  # the largest one-hot value: 1 where the class occurs
+        else:
+            tp, fp, fn = _soft_cardinalities(probs, prepared.soft, prepared.mask, self.p, self.variant)
+            if self.active_classes == "present":
+                present = target_max(prepared.soft, prepared.mask)
+        return self._reduce(tp, fp, fn, present)
+
+    def _loss(self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, active: torch.Tensor | None):
+        if active is not None:
+            # inactive entries get a perfect score so that they stay finite (and gradient-free) for any settings
+            tp, fp, fn = torch.where(active, tp, 1.0), torch.where(active, fp, 0.0), torch.where(active, fn, 0.0)
+        return tversky_loss(tp, fp, fn, self.alpha, self.beta, self.smooth, self.log_loss, self.gamma)
+
+    def _reduce(
+        self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, present: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Combine ``(B, C)`` cardinalities (and the ``(B, C)`` largest target values) into the scalar loss."""
+        class_weights = self.class_weights
+        if class_weights is None:
+            class_weights = tp.new_ones(tp.shape[1])
+        if not self.include_background:
+            tp, fp, fn, class_weights = tp[:, 1:], fp[:, 1:], fn[:, 1:], class_weights[1:]
+            present = None if present is None else present[:, 1:]
+        class_weights = class_weights.to(tp)
+
+        total = tp.new_zeros(())
+        for name, weight in self.reduction.items():
+            if name == "dataset":
+                sums = torch.stack([tp.sum(0), fp.sum(0), fn.sum(0)])
+                largest = None if present is None else present.amax(0)
+                if self.sync_ranks:
+                    sums = all_reduce_sum(sums)
+                    largest = None if largest is None else all_reduce_max(largest)
+                active = None if largest is None else largest > self.threshold
+                losses = self._loss(sums[0], sums[1], sums[2], active)
+                weights = class_weights if active is None else class_weights * active
+                value = dataset_mean(losses, weights)
+            else:
+                active = None if present is None else present > self.threshold
+                losses = self._loss(tp, fp, fn, active)
+                if active is None:
+                    active = torch.ones_like(tp, dtype=torch.bool)
+                if name == "image":
+                    value = image_mean(losses, class_weights * active)
+                else:
+                    value = class_mean(losses, active, class_weights)
+            total = total + weight * value
+        return total
+
+
+class JaccardMetricLoss(JDTLoss):
+    """Jaccard metric loss (JML): :class:`JDTLoss` with ``alpha = beta = 1``; takes its other arguments."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(alpha=1.0, beta=1.0, **kwargs)
+
+
+class DiceSemimetricLoss(JDTLoss):
+    """Dice semimetric loss (DML): :class:`JDTLoss` with ``alpha = beta = 0.5``; takes its other arguments."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(alpha=0.5, beta=0.5, **kwargs)
+
+
+def jdt_loss(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    **options,
+) -> torch.Tensor:
+    """Functional :class:`JDTLoss` on probabilities, e.g. a student's softmax against a teacher's.
+
+    Args:
+        probs: ``(B, C, *spatial)`` probabilities in [0, 1], 2 or 3 spatial dims.
+        target: hard labels ``(B, *spatial)`` or soft labels ``(B, C, *spatial)`` in [0, 1].
+        mask: optional ``(B, *spatial)`` bool, True for voxels that count.
+        **options: any :class:`JDTLoss` argument except ``activation`` (``alpha``, ``beta``, ``reduction``...).
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 input), differentiable with respect to ``probs`` (and a
+        soft ``target``).
+    """
+    if "activation" in options:
+        raise ValueError("jdt_loss takes probabilities; use JDTLoss(activation=...) for logits")
+    return JDTLoss(activation=None, **options)(probs, target, mask)

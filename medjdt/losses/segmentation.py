@@ -1,0 +1,64 @@
+"""The mixed training loss: weighted cross-entropy plus a JDT loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from medjdt.losses.cross_entropy import SoftTargetCrossEntropy
+from medjdt.losses.jdt import DiceSemimetricLoss, JDTLoss
+
+__all__ = ["SegmentationLoss"]
+
+
+class SegmentationLoss(nn.Module):
+    """``ce_weight * CE + jdt_weight * JDT`` on the same logits, target and mask.
+
+    The cross-entropy term is a :class:`~medjdt.losses.SoftTargetCrossEntropy` with the JDT loss's
+    activation and ``ignore_index``, so both terms read the target the same way.
+
+    Args:
+        ce_weight: weight of the cross-entropy, finite and >= 0.
+        jdt_weight: weight of the JDT loss, finite and >= 0 (the two weights must not both be 0).
+        jdt: the JDT loss; None means ``DiceSemimetricLoss()``. Its activation must be ``"softmax"`` or
+            ``"sigmoid"`` because this loss takes logits.
+
+    Inputs of :meth:`forward`:
+        logits: ``(B, C, *spatial)`` floating, 2 or 3 spatial dims.
+        target: hard labels ``(B, *spatial)`` or soft labels ``(B, C, *spatial)`` in [0, 1].
+        mask: optional ``(B, *spatial)`` bool, True for voxels that count.
+
+    Returns:
+        ``(total, parts)``: the scalar loss to optimise and ``{"ce": ..., "jdt": ...}``, detached scalar
+        tensors of the unweighted terms, for logging.
+
+    Raises:
+        ValueError: bad weights or a JDT loss without activation; input errors as in the two terms.
+    """
+
+    def __init__(self, ce_weight: float = 0.25, jdt_weight: float = 0.75, jdt: JDTLoss | None = None) -> None:
+        super().__init__()
+        for name, value in (("ce_weight", ce_weight), ("jdt_weight", jdt_weight)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if ce_weight == 0 and jdt_weight == 0:
+            raise ValueError("ce_weight and jdt_weight must not both be 0")
+        jdt = DiceSemimetricLoss() if jdt is None else jdt
+        if not isinstance(jdt, JDTLoss):
+            raise ValueError(f"jdt must be a JDTLoss, got {type(jdt).__name__}")
+        if jdt.activation is None:
+            raise ValueError("SegmentationLoss takes logits: the JDT loss needs activation 'softmax' or 'sigmoid'")
+        self.ce_weight, self.jdt_weight = float(ce_weight), float(jdt_weight)
+        self.jdt = jdt
+        self.ce = SoftTargetCrossEntropy(activation=jdt.activation, ignore_index=jdt.ignore_index)
+
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its detached parts for ``logits`` ``(B, C, *spatial)`` and ``target``."""
+        ce = self.ce(logits, target, mask)
+        jdt = self.jdt(logits, target, mask)
+        total = self.ce_weight * ce + self.jdt_weight * jdt
+        return total, {"ce": ce.detach(), "jdt": jdt.detach()}
