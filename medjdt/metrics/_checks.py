@@ -1,0 +1,253 @@
+"""Input validation shared by every metric in :mod:`medjdt.metrics`.
+
+All checks run on the whole tensor with one host synchronisation in the common (valid) case; the slower
+per-image diagnosis only runs when a check fails, to name the offending images in the error message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Largest accepted deviation of a class distribution's sum from 1. Softmax in float32 is exact to ~1e-6;
+# half precision needs a wider margin, hence the dtype-dependent term.
+_SUM_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class MetricInputs:
+    """Validated metric inputs with the spatial dimensions flattened to one axis N.
+
+    Attributes:
+        probs: ``(B, C, N)`` float32 (float64 if given as float64) probabilities.
+        target: ``(B, N)`` int64 labels (hard reference) or ``(B, C, N)`` probabilities (soft reference).
+        mask: ``(B, N)`` bool, True where a voxel counts; None when every voxel counts.
+        soft: whether ``target`` is a soft reference.
+    """
+
+    probs: Tensor
+    target: Tensor
+    mask: Tensor | None
+    soft: bool
+
+    @property
+    def num_classes(self) -> int:
+        return self.probs.shape[1]
+
+
+def describe_images(indices: Sequence[int], case_ids: Sequence[str] | None) -> str:
+    """Human-readable list of batch indices (and case ids when known) for error messages."""
+    if case_ids is None:
+        return "image(s) " + ", ".join(str(i) for i in indices)
+    return "image(s) " + ", ".join(f"{i} (case {case_ids[i]!r})" for i in indices)
+
+
+def _bad_images(flags: Tensor) -> list[int]:
+    """Batch indices where a per-voxel boolean flag tensor ``(B, ...)`` is True anywhere."""
+    return torch.nonzero(flags.flatten(1).any(1)).flatten().tolist()
+
+
+def _sum_tolerance(dtype: torch.dtype) -> float:
+    return max(_SUM_ATOL, 10 * torch.finfo(dtype).eps)
+
+
+def _distribution_stats(x: Tensor, simplex: bool) -> list[Tensor]:
+    """Min and max of a ``(B, C, N)`` tensor, and of its sum over C when ``simplex`` (0-dim tensors)."""
+    stats = list(torch.aminmax(x))
+    if simplex:
+        stats += list(torch.aminmax(x.sum(1)))
+    return stats
+
+
+def _raise_for_distribution(
+    values: list[float],
+    x: Tensor,
+    name: str,
+    *,
+    simplex: bool,
+    case_ids: Sequence[str] | None,
+    input_dtype: torch.dtype,
+) -> None:
+    """Raise if the stats of :func:`_distribution_stats` show NaN, values outside [0, 1] or sums other than 1.
+
+    The tolerance of the sum follows ``input_dtype``, the dtype the caller passed before promotion. The
+    offending images are only located (another pass over ``x``) once a problem is known.
+    """
+    if any(v != v for v in values[:2]):  # NaN propagates through aminmax
+        bad = _bad_images(torch.isnan(x))
+        raise ValueError(f"{name} contains NaN in {describe_images(bad, case_ids)}.")
+    if values[0] < 0 or values[1] > 1:
+        bad = _bad_images((x < 0) | (x > 1))
+        raise ValueError(
+            f"{name} must be probabilities in [0, 1], got values in [{values[0]:.6g}, {values[1]:.6g}] in "
+            f"{describe_images(bad, case_ids)}."
+        )
+    if simplex:
+        tol = _sum_tolerance(input_dtype)
+        deviation = max(1 - values[2], values[3] - 1)
+        if deviation > tol:
+            bad = _bad_images((x.sum(1) - 1).abs() > tol)
+            raise ValueError(
+                f"{name} must sum to 1 over the class dimension (dim 1): largest deviation {deviation:.6g} "
+                f"exceeds {tol:.3g} in {describe_images(bad, case_ids)}. Pass softmax probabilities, not logits "
+                "or per-class sigmoid outputs."
+            )
+
+
+def check_case_ids(case_ids: Sequence[str], batch_size: int) -> list[str]:
+    """Return ``case_ids`` as a list after checking there is one non-empty string per image."""
+    if isinstance(case_ids, str) or not isinstance(case_ids, Sequence):
+        raise ValueError(f"case_ids must be a sequence of {batch_size} strings, got {type(case_ids).__name__}.")
+    ids = list(case_ids)
+    if len(ids) != batch_size:
+        raise ValueError(f"case_ids has {len(ids)} entries but the batch has {batch_size} images.")
+    for i, case_id in enumerate(ids):
+        if not isinstance(case_id, str) or not case_id:
+            raise ValueError(f"case_ids[{i}] must be a non-empty string, got {case_id!r}.")
+    return ids
+
+
+def prepare_inputs(
+    probs: Tensor,
+    target: Tensor,
+    mask: Tensor | None = None,
+    *,
+    simplex: bool,
+    case_ids: Sequence[str] | None = None,
+) -> MetricInputs:
+    """Validate metric inputs and flatten their spatial dimensions.
+
+    Args:
+        probs: ``(B, C, *spatial)`` probabilities, 2 or 3 spatial dims, C >= 2, floating point.
+        target: hard labels ``(B, *spatial)`` (integer dtype, values in ``[0, C)``) or a soft reference
+            ``(B, C, *spatial)`` (floating point, values in [0, 1], summing to 1 over C).
+        mask: optional ``(B, *spatial)`` bool; False voxels are excluded from the checks and from every metric.
+        simplex: also require ``probs`` to sum to 1 over the class dimension (needed by top-label calibration,
+            Brier score and NLL).
+        case_ids: names of the B images, only used to name the offending images in error messages.
+
+    Returns:
+        :class:`MetricInputs`. Half-precision inputs are promoted to float32 so bin edges and sums are exact.
+
+    Raises:
+        ValueError: naming the problem (type, dtype, shape, NaN, range, sum, labels) and the offending images.
+    """
+    if not isinstance(probs, Tensor):
+        raise ValueError(f"probs must be a torch.Tensor, got {type(probs).__name__}.")
+    if not isinstance(target, Tensor):
+        raise ValueError(f"target must be a torch.Tensor, got {type(target).__name__}.")
+    if probs.ndim not in (4, 5):
+        raise ValueError(
+            f"probs must have shape (B, C, *spatial) with 2 or 3 spatial dims, got shape {tuple(probs.shape)}."
+        )
+    if not probs.is_floating_point():
+        raise ValueError(f"probs must be a floating point tensor of probabilities, got dtype {probs.dtype}.")
+    batch, num_classes, *spatial = probs.shape
+    if num_classes < 2:
+        raise ValueError(
+            f"probs must have at least 2 classes (dim 1), got shape {tuple(probs.shape)}; for a single sigmoid "
+            "channel p use torch.cat([1 - p, p], dim=1)."
+        )
+    if probs.numel() == 0:
+        raise ValueError(f"probs is empty, got shape {tuple(probs.shape)}.")
+    hard_shape = (batch, *spatial)
+    if tuple(target.shape) == tuple(probs.shape):
+        soft = True
+    elif tuple(target.shape) == hard_shape:
+        soft = False
+    else:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match probs shape {tuple(probs.shape)}: expected hard "
+            f"labels of shape {hard_shape} or a soft reference of shape {tuple(probs.shape)}."
+        )
+    if target.device != probs.device:
+        raise ValueError(f"target is on {target.device} but probs is on {probs.device}.")
+    if case_ids is not None:
+        case_ids = check_case_ids(case_ids, batch)
+
+    work_dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    flat_probs = probs.to(work_dtype).flatten(2).contiguous()
+    if soft:
+        if not target.is_floating_point():
+            raise ValueError(
+                f"target has the shape of probs {tuple(probs.shape)} (soft reference) but dtype {target.dtype}; "
+                "a soft reference must be floating point, hard labels must have shape (B, *spatial)."
+            )
+        flat_target = target.to(work_dtype).flatten(2).contiguous()
+    else:
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise ValueError(f"hard labels (B, *spatial) must have an integer dtype, got {target.dtype}.")
+        flat_target = target.long().flatten(1).contiguous()
+
+    flat_mask = None
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a bool tensor of shape {hard_shape}, got {got}; use mask > 0.")
+        if tuple(mask.shape) != hard_shape:
+            raise ValueError(f"mask must have shape {hard_shape} (B, *spatial), got {tuple(mask.shape)}.")
+        if mask.device != probs.device:
+            raise ValueError(f"mask is on {mask.device} but probs is on {probs.device}.")
+        flat_mask = mask.flatten(1).contiguous()
+        # Excluded voxels may hold anything (padding, ignore labels, NaN): replace them by neutral valid values so
+        # they cannot break the checks or the index arithmetic; every metric also drops them explicitly.
+        uniform = 1.0 / num_classes
+        flat_probs = torch.where(flat_mask[:, None], flat_probs, uniform)
+        if soft:
+            flat_target = torch.where(flat_mask[:, None], flat_target, uniform)
+        else:
+            flat_target = torch.where(flat_mask, flat_target, 0)
+
+    # All statistics in one tensor: a single host synchronisation when the inputs are valid.
+    stats = _distribution_stats(flat_probs, simplex)
+    stats += _distribution_stats(flat_target, True) if soft else list(torch.aminmax(flat_target))
+    values = torch.stack([s.double() for s in stats]).tolist()
+    n_probs = len(stats) - (4 if soft else 2)
+    _raise_for_distribution(
+        values[:n_probs], flat_probs, "probs", simplex=simplex, case_ids=case_ids, input_dtype=probs.dtype
+    )
+    if soft:
+        _raise_for_distribution(
+            values[n_probs:],
+            flat_target,
+            "target (soft reference)",
+            simplex=True,
+            case_ids=case_ids,
+            input_dtype=target.dtype,
+        )
+    else:
+        lo, hi = (int(v) for v in values[n_probs:])
+        if lo < 0 or hi >= num_classes:
+            bad = _bad_images((flat_target < 0) | (flat_target >= num_classes))
+            raise ValueError(
+                f"target labels must be in [0, {num_classes - 1}] for {num_classes} classes, got labels in "
+                f"[{lo}, {hi}] in {describe_images(bad, case_ids)}."
+            )
+    return MetricInputs(probs=flat_probs, target=flat_target, mask=flat_mask, soft=soft)
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ValueError listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+    return value
+
+
+def check_n_bins(n_bins: int) -> int:
+    """Return ``n_bins`` if it is a positive int."""
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
+    return n_bins
+
+
+def check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
+    """Return ``thresholds`` as a tuple after checking they are strictly increasing and inside (0, 1)."""
+    values = tuple(float(t) for t in thresholds)
+    if not values:
+        raise ValueError("thresholds must not be empty.")
+    if any(not 0 < t < 1 for t in values) or any(a >= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"thresholds must be strictly increasing values in (0, 1), got {values}.")
+    return values

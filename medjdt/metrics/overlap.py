@@ -1,0 +1,297 @@
+"""Overlap metrics per image and class: Dice, IoU, soft Dice and QUBIQ thresholded Dice.
+
+Every metric is a ratio of per-(image, class) sums (:class:`OverlapSums`); the streaming
+:class:`~medjdt.metrics.OverlapMetrics` accumulates the same sums over chunks and cases.
+
+"Both empty" rule (``empty``): when prediction and reference are both empty for a class (the denominator is 0)
+the score is undefined. ``"nan"`` (default) reports NaN so the pair is left out of every mean; ``"one"`` counts it
+as perfect agreement (MONAI's ``DiceMetric(ignore_empty=False)``); ``"zero"`` counts it as a miss.
+
+Hard overlap with a soft reference uses the reference's argmax (the majority class of the raters; ties go to the
+lower class index, so a 50/50 vote is background in the binary case).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from medjdt.metrics._argmax import class_max
+from medjdt.metrics._binning import grouped_sums
+from medjdt.metrics._checks import MetricInputs, check_choice, check_thresholds, prepare_inputs
+
+__all__ = ["QUBIQ_THRESHOLDS", "dice", "iou", "soft_dice", "thresholded_dice"]
+
+EmptyRule = Literal["nan", "one", "zero"]
+EMPTY_RULES = ("nan", "one", "zero")
+_EMPTY_VALUE = {"nan": float("nan"), "one": 1.0, "zero": 0.0}
+
+QUBIQ_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class OverlapSums:
+    """Sufficient statistics for the overlap metrics, float64, per image and class.
+
+    Attributes:
+        tp, fp, fn: ``(B, C)`` hard true positive, false positive and false negative voxel counts.
+        pred_mass, ref_mass, abs_diff: ``(B, C)`` |x|_1, |y|_1 and |x - y|_1 of probabilities and reference.
+        thr_tp, thr_pred, thr_ref: ``(B, C, T)`` per threshold t: |{x > t} & {y > t}|, |{x > t}|, |{y > t}|.
+    """
+
+    tp: Tensor
+    fp: Tensor
+    fn: Tensor
+    pred_mass: Tensor
+    ref_mass: Tensor
+    abs_diff: Tensor
+    thr_tp: Tensor
+    thr_pred: Tensor
+    thr_ref: Tensor
+
+
+def ratio(numerator: Tensor, denominator: Tensor, empty: str) -> Tensor:
+    """``numerator / denominator`` with the "both empty" rule applied where ``denominator == 0``."""
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), _EMPTY_VALUE[empty])
+
+
+def dice_from_sums(tp: Tensor, fp: Tensor, fn: Tensor, empty: str) -> Tensor:
+    return ratio(2 * tp, 2 * tp + fp + fn, empty)
+
+
+def iou_from_sums(tp: Tensor, fp: Tensor, fn: Tensor, empty: str) -> Tensor:
+    return ratio(tp, tp + fp + fn, empty)
+
+
+def soft_dice_from_sums(pred_mass: Tensor, ref_mass: Tensor, abs_diff: Tensor, empty: str) -> Tensor:
+    """(|x| + |y| - |x - y|) / (|x| + |y|); equals 2<x, y> / (|x| + |y|) for a hard reference."""
+    total = pred_mass + ref_mass
+    return ratio(total - abs_diff, total, empty)
+
+
+def thresholded_dice_from_sums(thr_tp: Tensor, thr_pred: Tensor, thr_ref: Tensor, empty: str) -> Tensor:
+    """Dice at each threshold (last dim), then the mean over thresholds that are not NaN."""
+    return ratio(2 * thr_tp, thr_pred + thr_ref, empty).nanmean(-1)
+
+
+def _reference_labels(inputs: MetricInputs) -> Tensor:
+    return class_max(inputs.target)[1] if inputs.soft else inputs.target
+
+
+def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    """``(B, N)`` labels to a ``(B, C, N)`` bool one-hot tensor."""
+    return labels[:, None] == torch.arange(num_classes, device=labels.device)[None, :, None]
+
+
+def confusion_counts(inputs: MetricInputs, threshold: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Hard TP, FP, FN per image and class, float64 ``(B, C)`` each.
+
+    The prediction is the argmax of ``probs`` (``threshold=None``) or, per class, ``probs > threshold``.
+    """
+    num_classes = inputs.num_classes
+    reference = _reference_labels(inputs)
+    if threshold is None:
+        predicted = class_max(inputs.probs)[1]
+        keys = torch.add(reference, predicted, alpha=num_classes)
+        counts = grouped_sums(keys, num_classes * num_classes, valid=inputs.mask)[0]
+        confusion = counts.unflatten(-1, (num_classes, num_classes))  # (B, predicted, reference)
+        tp = confusion.diagonal(dim1=-2, dim2=-1)
+        return tp, confusion.sum(-1) - tp, confusion.sum(-2) - tp
+    predicted = inputs.probs > threshold
+    truth = _one_hot(reference, num_classes)
+    if inputs.mask is not None:
+        predicted &= inputs.mask[:, None]
+        truth &= inputs.mask[:, None]
+    tp = (predicted & truth).sum(-1).double()
+    return tp, predicted.sum(-1).double() - tp, truth.sum(-1).double() - tp
+
+
+def soft_overlap_sums(inputs: MetricInputs) -> tuple[Tensor, Tensor, Tensor]:
+    """|x|_1, |y|_1 and |x - y|_1 per image and class, float64 ``(B, C)`` each."""
+    probs = inputs.probs
+    valid = None if inputs.mask is None else inputs.mask[:, None]
+    pred_mass = _masked_sum(probs, valid)
+    if inputs.soft:
+        return pred_mass, _masked_sum(inputs.target, valid), _masked_sum((probs - inputs.target).abs_(), valid)
+    # One-hot y: |y|_c is the label count and |x - y|_1 = |x|_1 + |y|_1 - 2 <x, y>, where <x, y>_c sums the
+    # probability of class c over the voxels labelled c; one grouped sum over labels gives both.
+    p_label = probs.gather(1, inputs.target[:, None]).squeeze(1)
+    ref_mass, overlap = grouped_sums(inputs.target.clone(), inputs.num_classes, (p_label,), inputs.mask)
+    return pred_mass, ref_mass, pred_mass + ref_mass - 2 * overlap
+
+
+def threshold_counts(inputs: MetricInputs, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per image, class and threshold: |{x > t} & {y > t}|, |{x > t}|, |{y > t}|, float64 ``(B, C, T)`` each.
+
+    One joint histogram of (number of thresholds below x, number below y) per image and class gives all three
+    counts for every threshold at once.
+    """
+    n_thr = len(thresholds)
+    levels = n_thr + 1
+    edges = torch.tensor(thresholds, dtype=inputs.probs.dtype, device=inputs.probs.device)
+    # bucketize(right=False) counts the edges strictly below the value: x > t_k  <=>  level(x) > k.
+    keys = torch.bucketize(inputs.probs, edges).mul_(levels)
+    if inputs.soft:
+        keys += torch.bucketize(inputs.target, edges)
+    else:
+        # A one-hot 1 is above every threshold: the labelled class gets reference level n_thr, the others 0.
+        label_level = torch.full((), n_thr, dtype=keys.dtype, device=keys.device)
+        keys.scatter_add_(1, inputs.target[:, None], label_level.expand(keys.shape[0], 1, keys.shape[2]))
+    valid = None if inputs.mask is None else inputs.mask[:, None]
+    hist = grouped_sums(keys, levels * levels, valid=valid)[0].unflatten(-1, (levels, levels))
+    # tail[i, j] = number of voxels with pred level >= i and ref level >= j
+    tail = hist.flip(-2, -1).cumsum(-2).cumsum(-1).flip(-2, -1)
+    above = torch.arange(1, levels, device=hist.device)
+    return tail[..., above, above], tail[..., above, 0], tail[..., 0, above]
+
+
+def overlap_sums(inputs: MetricInputs, thresholds: Sequence[float] = QUBIQ_THRESHOLDS) -> OverlapSums:
+    """All overlap sufficient statistics of one batch (argmax prediction for the hard counts)."""
+    tp, fp, fn = confusion_counts(inputs)
+    pred_mass, ref_mass, abs_diff = soft_overlap_sums(inputs)
+    thr_tp, thr_pred, thr_ref = threshold_counts(inputs, thresholds)
+    return OverlapSums(tp, fp, fn, pred_mass, ref_mass, abs_diff, thr_tp, thr_pred, thr_ref)
+
+
+def _masked_sum(values: Tensor, valid: Tensor | None) -> Tensor:
+    if valid is not None:
+        values = torch.where(valid, values, 0)
+    # torch sums float32 with cascaded (pairwise-like) accumulation, accurate without a float64 copy.
+    return values.sum(-1).double()
+
+
+def _prepare(probs, target, mask, include_background, empty) -> tuple[MetricInputs, slice]:
+    check_choice("empty", empty, EMPTY_RULES)
+    inputs = prepare_inputs(probs, target, mask, simplex=False)
+    return inputs, slice(None) if include_background else slice(1, None)
+
+
+def _check_threshold(threshold: float | None) -> float | None:
+    if threshold is not None and not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be None (argmax) or in [0, 1), got {threshold!r}.")
+    return threshold
+
+
+@torch.no_grad()
+def dice(
+    probs: Tensor,
+    target: Tensor,
+    *,
+    mask: Tensor | None = None,
+    threshold: float | None = None,
+    include_background: bool = False,
+    empty: EmptyRule = "nan",
+) -> Tensor:
+    """Per-image, per-class hard Dice 2|P & Y| / (|P| + |Y|).
+
+    Args:
+        probs: ``(B, C, *spatial)`` probabilities (2 or 3 spatial dims).
+        target: hard labels ``(B, *spatial)`` or soft reference ``(B, C, *spatial)`` (reduced to its argmax).
+        mask: optional ``(B, *spatial)`` bool; False voxels are excluded.
+        threshold: None binarises by argmax over classes; a float t in [0, 1) predicts class c where p_c > t
+            (multi-label style, classes may overlap).
+        include_background: False (default) drops class 0 from the output.
+        empty: rule for a class empty in both prediction and reference: ``"nan"``, ``"one"`` or ``"zero"``.
+
+    Returns:
+        ``(B, C')`` with C' = C or C - 1, in the working dtype (float32, or float64 for float64 input).
+
+    Raises:
+        ValueError: on shape/dtype mismatch, NaN, values outside [0, 1], labels outside ``[0, C)``, bad mask,
+            unknown ``empty`` rule or threshold outside [0, 1).
+    """
+    inputs, classes = _prepare(probs, target, mask, include_background, empty)
+    tp, fp, fn = confusion_counts(inputs, _check_threshold(threshold))
+    return dice_from_sums(tp, fp, fn, empty)[:, classes].to(inputs.probs.dtype)
+
+
+@torch.no_grad()
+def iou(
+    probs: Tensor,
+    target: Tensor,
+    *,
+    mask: Tensor | None = None,
+    threshold: float | None = None,
+    include_background: bool = False,
+    empty: EmptyRule = "nan",
+) -> Tensor:
+    """Per-image, per-class hard IoU (Jaccard) |P & Y| / |P | Y|.
+
+    Arguments, return shape and errors as in :func:`dice`.
+    """
+    inputs, classes = _prepare(probs, target, mask, include_background, empty)
+    tp, fp, fn = confusion_counts(inputs, _check_threshold(threshold))
+    return iou_from_sums(tp, fp, fn, empty)[:, classes].to(inputs.probs.dtype)
+
+
+@torch.no_grad()
+def soft_dice(
+    probs: Tensor,
+    target: Tensor,
+    *,
+    mask: Tensor | None = None,
+    include_background: bool = False,
+    empty: EmptyRule = "nan",
+) -> Tensor:
+    """Per-image, per-class continuous Dice (|x|_1 + |y|_1 - |x - y|_1) / (|x|_1 + |y|_1).
+
+    This form equals 1 only when x = y, also for a soft reference y; for a hard reference it is the classic
+    soft Dice 2<x, y> / (|x|_1 + |y|_1).
+
+    Args:
+        probs: ``(B, C, *spatial)`` probabilities.
+        target: hard labels ``(B, *spatial)`` (one-hot) or soft reference ``(B, C, *spatial)``.
+        mask: optional ``(B, *spatial)`` bool; False voxels are excluded.
+        include_background: False (default) drops class 0 from the output.
+        empty: rule when |x|_1 + |y|_1 = 0: ``"nan"``, ``"one"`` or ``"zero"``.
+
+    Returns:
+        ``(B, C')`` in the working dtype.
+
+    Raises:
+        ValueError: as :func:`dice`.
+    """
+    inputs, classes = _prepare(probs, target, mask, include_background, empty)
+    pred_mass, ref_mass, abs_diff = soft_overlap_sums(inputs)
+    return soft_dice_from_sums(pred_mass, ref_mass, abs_diff, empty)[:, classes].to(inputs.probs.dtype)
+
+
+@torch.no_grad()
+def thresholded_dice(
+    probs: Tensor,
+    target: Tensor,
+    *,
+    mask: Tensor | None = None,
+    thresholds: Sequence[float] = QUBIQ_THRESHOLDS,
+    include_background: bool = False,
+    empty: EmptyRule = "nan",
+) -> Tensor:
+    """Per-image, per-class QUBIQ thresholded Dice.
+
+    For each threshold t, prediction and reference are binarised as ``x > t`` and ``y > t`` and their Dice is
+    computed; the result is the mean over thresholds. With ``empty="nan"`` a threshold at which both masks are
+    empty is left out of that mean (NaN only if all thresholds are empty). A hard (one-hot) reference gives the
+    same mask at every threshold.
+
+    Args:
+        probs: ``(B, C, *spatial)`` probabilities.
+        target: hard labels ``(B, *spatial)`` or soft reference ``(B, C, *spatial)`` (e.g. the rater average).
+        mask: optional ``(B, *spatial)`` bool; False voxels are excluded.
+        thresholds: strictly increasing values in (0, 1); default (0.1, 0.2, ..., 0.9).
+        include_background: False (default) keeps the foreground classes only.
+        empty: rule for a threshold at which both masks are empty: ``"nan"``, ``"one"`` or ``"zero"``.
+
+    Returns:
+        ``(B, C')`` in the working dtype.
+
+    Raises:
+        ValueError: as :func:`dice`, or for thresholds that are not strictly increasing inside (0, 1).
+    """
+    thresholds = check_thresholds(thresholds)
+    inputs, classes = _prepare(probs, target, mask, include_background, empty)
+    thr_tp, thr_pred, thr_ref = threshold_counts(inputs, thresholds)
+    return thresholded_dice_from_sums(thr_tp, thr_pred, thr_ref, empty)[:, classes].to(inputs.probs.dtype)

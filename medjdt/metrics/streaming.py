@@ -1,0 +1,444 @@
+"""Streaming metric objects: accumulate sums over chunks, cases and DDP ranks, then aggregate.
+
+Both classes keep two kinds of state, all float64 sums:
+
+* ``totals``: the pooled sums over every voxel seen, O(bins x classes), reduced with ``"sum"`` under DDP;
+* ``case_names`` / ``case_stats``: one row of the same sums per case, gathered with ``"cat"`` under DDP.
+  Rows with the same case id are summed, so a volume evaluated in chunks (sliding window), in any order and
+  on any mix of ranks, gives exactly the sums of the whole volume. Memory is O(cases x bins x classes),
+  independent of the volume size.
+
+``update(probs, target, case_ids=None, mask=None)`` takes probabilities ``(B, C, *spatial)`` and hard labels
+``(B, *spatial)`` or a soft reference ``(B, C, *spatial)``; ``case_ids`` names the case of each image (default:
+every image is its own case).
+
+Duplicated samples: every voxel update is counted, so a case fed twice (e.g. a ``DistributedSampler`` padding
+the last batch) is counted twice in the pooled values; use a sampler that does not repeat samples for evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import Metric
+
+from medjdt.metrics._cases import CASE_ID_BYTES, cat_state, decode_case_ids, encode_case_ids, merge_rows
+from medjdt.metrics._checks import MetricInputs, check_choice, check_n_bins, check_thresholds, prepare_inputs
+from medjdt.metrics.calibration import (
+    NORMS,
+    calibration_error_from_sums,
+    classwise_bin_sums,
+    nll_sums,
+    reliability_from_sums,
+    squared_error_sums,
+    top_label_bin_sums,
+)
+from medjdt.metrics.overlap import (
+    EMPTY_RULES,
+    QUBIQ_THRESHOLDS,
+    dice_from_sums,
+    iou_from_sums,
+    overlap_sums,
+    soft_dice_from_sums,
+    thresholded_dice_from_sums,
+)
+
+__all__ = ["CalibrationMetrics", "OverlapMetrics"]
+
+# Merging per-case rows costs O(rows); merging once the unmerged rows outnumber the merged ones keeps the total
+# cost linear in the number of updates.
+_MIN_ROWS_BEFORE_MERGE = 64
+
+
+def _check_num_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+    return num_classes
+
+
+def _check_class_names(num_classes: int, class_names: Sequence[str] | None) -> list[str]:
+    if class_names is None:
+        return [str(c) for c in range(num_classes)]
+    names = list(class_names)
+    if len(names) != num_classes or len(set(names)) != num_classes or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"class_names must be {num_classes} distinct strings, got {class_names!r}.")
+    return names
+
+
+def _nanmean(values: Tensor, dim: int | None = None) -> Tensor:
+    """Mean ignoring NaN; NaN where nothing is left (also for zero cases)."""
+    return values.nanmean() if dim is None else values.nanmean(dim)
+
+
+def _worst_mean(scores: Tensor, percent: float) -> Tensor:
+    """Mean of the lowest ``percent`` % of the non-NaN ``scores`` (at least one score)."""
+    valid = scores[~scores.isnan()]
+    if valid.numel() == 0:
+        return torch.tensor(float("nan"), dtype=scores.dtype, device=scores.device)
+    k = max(1, math.ceil(percent / 100 * valid.numel()))
+    return valid.sort().values[:k].mean()
+
+
+class _PerCaseMetric(Metric):
+    """Shared machinery: pooled ``totals`` plus per-case rows keyed by case id."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None, n_stats: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.class_names = _check_class_names(_check_num_classes(num_classes), class_names)
+        self.num_classes = num_classes
+        self._n_stats = n_stats
+        self.add_state("totals", default=torch.zeros(n_stats, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("case_names", default=[], dist_reduce_fx="cat")
+        self.add_state("case_stats", default=[], dist_reduce_fx="cat")
+        self._n_auto_ids = 0
+        self._merged_rows = 0
+        self._seed_case_rows()
+
+    def _seed_case_rows(self) -> None:
+        # A rank that saw no data must still contribute 2-D tensors to the gather, not torchmetrics' 1-D default.
+        self.case_names.append(torch.zeros(0, CASE_ID_BYTES, dtype=torch.uint8, device=self.device))
+        self.case_stats.append(torch.zeros(0, self._n_stats, dtype=torch.float64, device=self.device))
+
+    def reset(self) -> None:
+        """Clear all accumulated sums and cases."""
+        super().reset()
+        self._n_auto_ids = 0
+        self._merged_rows = 0
+        self._seed_case_rows()
+
+    def _auto_case_ids(self, batch: int) -> list[str]:
+        suffix = ""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            suffix = f"@rank{dist.get_rank()}"
+        ids = [f"image{self._n_auto_ids + i:06d}{suffix}" for i in range(batch)]
+        self._n_auto_ids += batch
+        return ids
+
+    def _prepare(self, probs, target, case_ids, mask, *, simplex: bool) -> tuple[MetricInputs, list[str]]:
+        inputs = prepare_inputs(probs, target, mask, simplex=simplex, case_ids=case_ids)
+        if inputs.num_classes != self.num_classes:
+            raise ValueError(
+                f"probs has {inputs.num_classes} classes (dim 1 of shape {tuple(probs.shape)}) but the metric was "
+                f"built for num_classes={self.num_classes}."
+            )
+        ids = list(case_ids) if case_ids is not None else self._auto_case_ids(inputs.probs.shape[0])
+        return inputs, ids
+
+    def _add_rows(self, case_ids: list[str], stats: Tensor) -> None:
+        """Add per-image stats ``(B, S)`` to the pooled totals and to the rows of their cases."""
+        self.totals += stats.sum(0)
+        self.case_names.append(encode_case_ids(case_ids, stats.device))
+        self.case_stats.append(stats)
+        n_rows = sum(rows.shape[0] for rows in self.case_stats)
+        if n_rows - self._merged_rows > max(_MIN_ROWS_BEFORE_MERGE, self._merged_rows):
+            device = stats.device  # older rows may have been moved to the CPU (compute_on_cpu=True)
+            names, merged = merge_rows(
+                torch.cat([rows.to(device) for rows in self.case_names]),
+                torch.cat([rows.to(device) for rows in self.case_stats]),
+            )
+            self.case_names, self.case_stats = [names], [merged]
+            self._merged_rows = names.shape[0]
+
+    def _cases(self) -> tuple[list[str], Tensor]:
+        """Distinct case ids (sorted) and their summed stats ``(K, S)`` from the current (synced) state."""
+        names = cat_state(self.case_names, torch.zeros(0, CASE_ID_BYTES, dtype=torch.uint8, device=self.device))
+        stats = cat_state(self.case_stats, torch.zeros(0, self._n_stats, dtype=torch.float64, device=self.device))
+        names, stats = merge_rows(names, stats)
+        return decode_case_ids(names), stats
+
+    def _synced(self):
+        """Context in which the states are gathered over DDP ranks (as in ``compute()``)."""
+        return self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        )
+
+    def per_case(self) -> pd.DataFrame:
+        """One row per case, sorted by the ``case_id`` column, then one column per metric and class.
+
+        The states are gathered over DDP ranks first, so every rank returns the whole table.
+        """
+        with self._synced():
+            case_ids, stats = self._cases()
+        columns = {name: values.cpu().numpy() for name, values in self._case_columns(stats).items()}
+        return pd.DataFrame({"case_id": case_ids, **columns})
+
+    @abstractmethod
+    def _case_columns(self, stats: Tensor) -> dict[str, Tensor]:
+        """Per-case columns (name -> ``(K,)`` tensor) from per-case stats ``(K, S)``."""
+
+
+class CalibrationMetrics(_PerCaseMetric):
+    """Streaming calibration metrics for hard or soft references: ECE (top-label and classwise), Brier, NLL.
+
+    Accumulates, per case and pooled, the reliability bins (count, confidence sum, accuracy sum) for top-label
+    and for every class, the sum of squared errors and the sum of cross-entropies; see
+    :mod:`medjdt.metrics.calibration` for the definitions and bin edges.
+
+    Args:
+        num_classes: number of classes C (>= 2).
+        n_bins: number of equal-width bins M.
+        norm: ``"l1"`` (ECE), ``"l2"`` (RMS calibration error) or ``"max"`` for both ECE variants.
+        include_background: whether classwise ECE includes class 0 (default True: calibration of the background
+            probability matters too; top-label, Brier and NLL always use every class).
+        class_names: C names used in output keys; default ``"0"``, ``"1"``, ...
+        eps: floor for probabilities inside the log of the NLL.
+        **kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``, ...).
+
+    ``update(probs, target, case_ids=None, mask=None)``: probs ``(B, C, *spatial)`` summing to 1 over C, target
+    ``(B, *spatial)`` int or ``(B, C, *spatial)`` soft, case_ids B strings, mask ``(B, *spatial)`` bool.
+
+    ``compute()`` returns float64 scalars. Pooled over all voxels of the dataset: ``"ece"`` (top-label),
+    ``"ece_classwise"`` (mean over classes), ``"ece_classwise/<class>"``, ``"brier"``, ``"nll"``. Mean of per-case
+    values: ``"ece_I"``, ``"ece_classwise_I"``, ``"brier_I"``, ``"nll_I"``. ``per_case()`` has the columns
+    ``case_id``, ``ece``, ``ece_classwise``, ``brier``, ``nll``, ``n_voxels`` and ``ece_classwise/<class>``;
+    ``reliability()`` returns the pooled bins for a reliability diagram.
+
+    Raises:
+        ValueError: on bad arguments, or in ``update`` on bad inputs (shape, NaN, range, sums, labels, case ids).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        n_bins: int = 10,
+        norm: str = "l1",
+        include_background: bool = True,
+        class_names: Sequence[str] | None = None,
+        eps: float = 1e-7,
+        **kwargs,
+    ) -> None:
+        _check_num_classes(num_classes)
+        self.n_bins = check_n_bins(n_bins)
+        self.norm = check_choice("norm", norm, NORMS)
+        if not 0 < eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {eps!r}.")
+        self.eps = eps
+        self.include_background = include_background
+        # Row layout: top-label bins (3, M) | classwise bins (3, C, M) | squared error sum | NLL sum
+        super().__init__(num_classes, class_names, 3 * n_bins * (1 + num_classes) + 2, **kwargs)
+
+    def update(
+        self, probs: Tensor, target: Tensor, case_ids: Sequence[str] | None = None, mask: Tensor | None = None
+    ) -> None:
+        """Accumulate one batch or one chunk of cases (shapes in the class docstring)."""
+        inputs, ids = self._prepare(probs, target, case_ids, mask, simplex=True)
+        batch = inputs.probs.shape[0]
+        stats = torch.cat(
+            [
+                top_label_bin_sums(inputs, self.n_bins).transpose(0, 1).reshape(batch, -1),
+                classwise_bin_sums(inputs, self.n_bins).transpose(0, 1).reshape(batch, -1),
+                squared_error_sums(inputs)[:, None],
+                nll_sums(inputs, self.eps)[:, None],
+            ],
+            dim=1,
+        )
+        self._add_rows(ids, stats)
+
+    def _split(self, stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Stats ``(..., S)`` to top bins ``(3, ..., M)``, classwise ``(3, ..., C', M)``, sq. error, NLL sums."""
+        m, c = self.n_bins, self.num_classes
+        top = stats[..., : 3 * m].unflatten(-1, (3, m)).movedim(-2, 0)
+        classwise = stats[..., 3 * m : 3 * m * (1 + c)].unflatten(-1, (3, c, m)).movedim(-3, 0)
+        if not self.include_background:
+            classwise = classwise[..., 1:, :]
+        return top, classwise, stats[..., -2], stats[..., -1]
+
+    def _metric_values(self, stats: Tensor) -> dict[str, Tensor]:
+        top, classwise, squared_error, nll = self._split(stats)
+        n_voxels = top[0].sum(-1)
+        return {
+            "ece": calibration_error_from_sums(top, self.norm),
+            "ece_classwise": calibration_error_from_sums(classwise, self.norm),  # (..., C')
+            "brier": squared_error / n_voxels,
+            "nll": nll / n_voxels,
+            "n_voxels": n_voxels,
+        }
+
+    def _class_names(self) -> list[str]:
+        return self.class_names if self.include_background else self.class_names[1:]
+
+    def compute(self) -> dict[str, Tensor]:
+        """Pooled and per-case-mean calibration values (keys in the class docstring)."""
+        pooled = self._metric_values(self.totals)
+        _, stats = self._cases()
+        cases = self._metric_values(stats)
+        out = {
+            "ece": pooled["ece"],
+            "ece_classwise": _nanmean(pooled["ece_classwise"]),
+            "brier": pooled["brier"],
+            "nll": pooled["nll"],
+            "ece_I": _nanmean(cases["ece"]),
+            "ece_classwise_I": _nanmean(_nanmean(cases["ece_classwise"], dim=-1)),
+            "brier_I": _nanmean(cases["brier"]),
+            "nll_I": _nanmean(cases["nll"]),
+        }
+        for name, value in zip(self._class_names(), pooled["ece_classwise"]):
+            out[f"ece_classwise/{name}"] = value
+        return out
+
+    def _case_columns(self, stats: Tensor) -> dict[str, Tensor]:
+        values = self._metric_values(stats)
+        columns = {
+            "ece": values["ece"],
+            "ece_classwise": _nanmean(values["ece_classwise"], dim=-1),
+            "brier": values["brier"],
+            "nll": values["nll"],
+            "n_voxels": values["n_voxels"],
+        }
+        for c, name in enumerate(self._class_names()):
+            columns[f"ece_classwise/{name}"] = values["ece_classwise"][:, c]
+        return columns
+
+    def reliability(self, kind: str = "top_label") -> pd.DataFrame:
+        """Pooled reliability-diagram bins over every voxel seen (synced over DDP).
+
+        Args:
+            kind: ``"top_label"`` (one row per bin) or ``"classwise"`` (one row per class and bin, with a
+                ``class`` column; classes as in ``include_background``).
+
+        Returns:
+            DataFrame with columns ``bin_lower``, ``bin_upper``, ``count``, ``confidence`` (mean predicted
+            probability) and ``accuracy`` (mean reference probability); the means are NaN in empty bins.
+        """
+        check_choice("kind", kind, ("top_label", "classwise"))
+        with self._synced():
+            top, classwise, _, _ = self._split(self.totals.clone())
+        bins = reliability_from_sums(top if kind == "top_label" else classwise)
+        edges = torch.linspace(0, 1, self.n_bins + 1, dtype=torch.float64)
+        frame = pd.DataFrame(
+            {
+                "bin_lower": edges[:-1].repeat(bins.count.numel() // self.n_bins).numpy(),
+                "bin_upper": edges[1:].repeat(bins.count.numel() // self.n_bins).numpy(),
+                "count": bins.count.flatten().cpu().numpy(),
+                "confidence": bins.confidence.flatten().cpu().numpy(),
+                "accuracy": bins.accuracy.flatten().cpu().numpy(),
+            }
+        )
+        if kind == "classwise":
+            frame.insert(0, "class", [name for name in self._class_names() for _ in range(self.n_bins)])
+        return frame
+
+
+_OVERLAP_METRICS = ("dice", "iou", "soft_dice", "thresholded_dice")
+
+
+class OverlapMetrics(_PerCaseMetric):
+    """Streaming Dice, IoU, soft Dice and QUBIQ thresholded Dice with dataset, image and class aggregation.
+
+    Per case and class it accumulates the hard TP/FP/FN of the argmax prediction, |x|_1, |y|_1, |x - y|_1, and the
+    per-threshold counts of the thresholded Dice (see :mod:`medjdt.metrics.overlap`). Aggregations (following the
+    fine-grained mIoU definitions), for every metric m:
+
+    * ``m_D`` (dataset): sums pooled over all cases per class, then the mean over classes;
+    * ``m_I`` (image): per case the mean over classes, then the mean over cases; ``m`` is the same value;
+    * ``m_C`` (class): per class the mean over cases, then the mean over classes; ``m/<class>`` per class;
+    * ``m_worst<q>``: the mean of the lowest q % of the per-case scores of ``m_I`` (at least one case).
+
+    NaN scores (a class empty in prediction and reference under ``empty="nan"``) are left out of every mean.
+
+    Args:
+        num_classes: number of classes C (>= 2).
+        include_background: whether class 0 is scored (default False: background overlap is uninformative).
+        class_names: C names used in output keys; default ``"0"``, ``"1"``, ...
+        empty: "both empty" rule, ``"nan"``, ``"one"`` or ``"zero"``.
+        thresholds: thresholds of the thresholded Dice, default (0.1, ..., 0.9).
+        worst_percent: the q values of the worst-case aggregates.
+        **kwargs: passed to :class:`torchmetrics.Metric`.
+
+    ``update(probs, target, case_ids=None, mask=None)`` as in :class:`CalibrationMetrics` (probs need not sum
+    to 1). ``compute()`` returns float64 scalars under the keys above. ``per_case()`` has the columns
+    ``case_id``, ``n_voxels``, and per metric m the mean over classes ``m`` and ``m/<class>``.
+
+    Raises:
+        ValueError: on bad arguments, or in ``update`` on bad inputs.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        include_background: bool = False,
+        class_names: Sequence[str] | None = None,
+        empty: str = "nan",
+        thresholds: Sequence[float] = QUBIQ_THRESHOLDS,
+        worst_percent: Sequence[float] = (10.0,),
+        **kwargs,
+    ) -> None:
+        _check_num_classes(num_classes)
+        self.include_background = include_background
+        self.empty = check_choice("empty", empty, EMPTY_RULES)
+        self.thresholds = check_thresholds(thresholds)
+        self.worst_percent = tuple(float(q) for q in worst_percent)
+        if any(not 0 < q <= 100 for q in self.worst_percent):
+            raise ValueError(f"worst_percent values must be in (0, 100], got {worst_percent!r}.")
+        # Row layout: per class [tp, fp, fn, |x|, |y|, |x - y|, thr_tp (T), thr_pred (T), thr_ref (T)]
+        self._per_class = 6 + 3 * len(self.thresholds)
+        super().__init__(num_classes, class_names, num_classes * self._per_class, **kwargs)
+
+    def update(
+        self, probs: Tensor, target: Tensor, case_ids: Sequence[str] | None = None, mask: Tensor | None = None
+    ) -> None:
+        """Accumulate one batch or one chunk of cases (shapes in the class docstring)."""
+        inputs, ids = self._prepare(probs, target, case_ids, mask, simplex=False)
+        sums = overlap_sums(inputs, self.thresholds)
+        per_class = [sums.tp, sums.fp, sums.fn, sums.pred_mass, sums.ref_mass, sums.abs_diff]
+        stats = torch.cat(
+            [torch.stack(per_class, dim=-1), sums.thr_tp, sums.thr_pred, sums.thr_ref], dim=-1
+        )  # (B, C, per_class)
+        self._add_rows(ids, stats.flatten(1))
+
+    def _scores(self, stats: Tensor) -> dict[str, Tensor]:
+        """Per-class scores ``(..., C')`` of every metric from stats ``(..., S)``."""
+        per_class = stats.unflatten(-1, (self.num_classes, self._per_class))
+        if not self.include_background:
+            per_class = per_class[..., 1:, :]
+        n_thr = len(self.thresholds)
+        tp, fp, fn, pred_mass, ref_mass, abs_diff = per_class[..., :6].unbind(-1)
+        thr = per_class[..., 6:].unflatten(-1, (3, n_thr))
+        return {
+            "dice": dice_from_sums(tp, fp, fn, self.empty),
+            "iou": iou_from_sums(tp, fp, fn, self.empty),
+            "soft_dice": soft_dice_from_sums(pred_mass, ref_mass, abs_diff, self.empty),
+            "thresholded_dice": thresholded_dice_from_sums(thr[..., 0, :], thr[..., 1, :], thr[..., 2, :], self.empty),
+        }
+
+    def _class_names(self) -> list[str]:
+        return self.class_names if self.include_background else self.class_names[1:]
+
+    def compute(self) -> dict[str, Tensor]:
+        """Dataset (D), image (I), class (C) and worst-case aggregates of every metric (keys in the docstring)."""
+        pooled = self._scores(self.totals)
+        _, stats = self._cases()
+        cases = self._scores(stats)
+        out: dict[str, Tensor] = {}
+        for metric in _OVERLAP_METRICS:
+            per_case = _nanmean(cases[metric], dim=-1)  # (K,)
+            per_class = _nanmean(cases[metric], dim=0)  # (C',)
+            out[metric] = _nanmean(per_case)
+            out[f"{metric}_D"] = _nanmean(pooled[metric])
+            out[f"{metric}_I"] = out[metric]
+            out[f"{metric}_C"] = _nanmean(per_class)
+            for q in self.worst_percent:
+                out[f"{metric}_worst{q:g}"] = _worst_mean(per_case, q)
+            for name, value in zip(self._class_names(), per_class):
+                out[f"{metric}/{name}"] = value
+        return out
+
+    def _case_columns(self, stats: Tensor) -> dict[str, Tensor]:
+        scores = self._scores(stats)
+        per_class = stats.unflatten(-1, (self.num_classes, self._per_class))
+        columns = {"n_voxels": per_class[..., 0].sum(-1) + per_class[..., 1].sum(-1)}  # every voxel: TP or FP once
+        for metric in _OVERLAP_METRICS:
+            columns[metric] = _nanmean(scores[metric], dim=-1)
+            for c, name in enumerate(self._class_names()):
+                columns[f"{metric}/{name}"] = scores[metric][:, c]
+        return columns
