@@ -1,6 +1,8 @@
 """The ``medjdt`` command line.
 
-One entry point. Tool subcommands (``manifest``, ``demo-data``, ...) are plain argparse
+One entry point. ``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI
+(:mod:`medjdt.lightning_cli`; ``medjdt fit --help`` lists their options). Tool subcommands
+(``manifest``, ``demo-data``, ...) are plain argparse
 commands registered in :data:`COMMANDS`; each is a ``(help, add_arguments, run)`` triple
 where ``add_arguments(parser)`` declares its options and ``run(args) -> int`` executes it.
 """
@@ -13,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from medjdt import __version__
+from medjdt.data.commands import COMMANDS as DATA_COMMANDS
 
 
 class Command(NamedTuple):
@@ -22,6 +25,15 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {}
+COMMANDS.update({name: Command(*spec) for name, spec in DATA_COMMANDS.items()})
+
+# Handled by LightningCLI (imported lazily: it pulls in torch, MONAI and Lightning).
+TRAINING_COMMANDS = {
+    "fit": "train a model (medjdt fit --config configs/demo.yaml)",
+    "validate": "evaluate a checkpoint on the validation fold",
+    "test": "evaluate a checkpoint on the test cases",
+    "predict": "write NIfTI probability and label maps for a checkpoint",
+}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -31,6 +43,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medjdt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in TRAINING_COMMANDS.items():
+        sub.add_parser(name, help=f"{help_text} [LightningCLI; see medjdt {name} --help]", add_help=False)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
@@ -40,6 +54,15 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``medjdt`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_COMMANDS:
+        from medjdt.lightning_cli import run_training_cli
+
+        try:
+            run_training_cli(argv)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"medjdt {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

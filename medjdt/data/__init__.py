@@ -1,1 +1,52 @@
-"""medjdt.data."""
+"""Data: manifests, public dataset layouts, synthetic multi-rater phantoms, loading, caching and the DataModule.
+
+Data flow: dataset on disk -> :func:`build_manifest` (one row per case x rater) -> :func:`read_manifest`
+-> :func:`load_case` (image + every rater on one checked grid) -> :func:`preprocess_case` (orientation,
+spacing, intensity; cached on disk by :class:`PreprocessedCases`) -> :class:`SegmentationDataModule`
+(patches, joint augmentation, rater fusion).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> defining module. Resolved on first access so that the command line, which imports
+# medjdt.data.commands, does not pay for importing MONAI and Lightning.
+_EXPORTS = {
+    "CaseCache": "medjdt.data.cache",
+    "PreprocessedCases": "medjdt.data.cache",
+    "SegmentationDataModule": "medjdt.data.datamodule",
+    "AFFINE_ATOL_MM": "medjdt.data.io",
+    "LabelMapReader": "medjdt.data.io",
+    "load_case": "medjdt.data.io",
+    "read_image": "medjdt.data.io",
+    "read_label_map": "medjdt.data.io",
+    "write_nifti": "medjdt.data.io",
+    "LAYOUTS": "medjdt.data.layouts",
+    "build_manifest": "medjdt.data.layouts",
+    "scan_layout": "medjdt.data.layouts",
+    "CaseRecord": "medjdt.data.manifest",
+    "Manifest": "medjdt.data.manifest",
+    "assign_folds": "medjdt.data.manifest",
+    "read_manifest": "medjdt.data.manifest",
+    "write_manifest": "medjdt.data.manifest",
+    "make_phantom_dataset": "medjdt.data.phantoms",
+    "PreprocessSettings": "medjdt.data.preprocess",
+    "preprocess_case": "medjdt.data.preprocess",
+    "restore_original_grid": "medjdt.data.preprocess",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medjdt.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,300 @@
+"""Scan public datasets in their published layouts and write manifests.
+
+Supported layouts (``layout`` argument of :func:`build_manifest`):
+
+- ``qubiq``: ``<root>/<dataset>/{Training,Validation}/caseNN/image.nii.gz`` with rater masks
+  ``taskTT_segRR.nii.gz``; ``root`` may also be one dataset folder. One manifest per dataset and task,
+  binary classes; case ids ``training-case01`` / ``validation-case01``; rater ``RR``.
+- ``lits``: ``volume-N.nii[.gz]`` / ``segmentation-N.nii[.gz]`` anywhere under ``root``; case id ``volume-N``;
+  one rater ``1``; classes background, liver, tumor.
+- ``kits19``: ``<root>/case_XXXXX/{imaging,segmentation}.nii.gz``; one rater ``1``; background, kidney, tumor.
+- ``kits21`` (alias ``kits23``): ``<root>/case_XXXXX/imaging.nii.gz`` with per-instance annotations in
+  ``segmentations/`` or ``instances/``; one row per annotation number ``J`` whose ``label`` is the instance
+  folder (rater ``J``'s map is assembled at load time, see :mod:`medjdt.data.kits`); background, kidney,
+  tumor, cyst.
+- ``demo``: the phantom layout written by :func:`medjdt.data.phantoms.make_phantom_dataset`:
+  ``<root>/case_NNN/image.nii.gz`` and ``rater-J.nii.gz``; background, organ, lesion.
+
+A case with an image but no annotation is an error unless ``allow_unlabelled`` (KiTS19 and LiTS ship
+unlabelled test cases): then it is left out and listed under ``unlabelled_cases`` in the metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+
+from medjdt.data import kits
+from medjdt.data.manifest import assign_folds, write_manifest
+
+LAYOUTS = ("qubiq", "lits", "kits19", "kits21", "kits23", "demo")
+QUBIQ_MODALITY = {
+    "brain-growth": "MRI",
+    "brain-tumor": "MRI",
+    "prostate": "MRI",
+    "kidney": "CT",
+    "pancreas": "CT",
+    "pancreatic-lesion": "CT",
+}
+DEMO_CLASS_NAMES = ["background", "organ", "lesion"]
+
+_CASE_DIR_RE = re.compile(r"^case_\d{5}$")
+_QUBIQ_CASE_RE = re.compile(r"^case\d+$")
+_QUBIQ_MASK_RE = re.compile(r"^task(\d+)_seg(\d+)\.nii(\.gz)?$")
+_LITS_RE = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
+_DEMO_RATER_RE = re.compile(r"^rater-(\d+)\.nii\.gz$")
+
+
+@dataclass
+class ManifestSpec:
+    """What one manifest will hold: its rows (without folds), metadata, and a name suffix."""
+
+    rows: list[dict[str, Any]]
+    num_classes: int
+    class_names: list[str]
+    modality: str
+    spatial_dims: int
+    in_channels: int = 1
+    suffix: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    unlabelled: list[str] = field(default_factory=list)
+
+
+def _unlabelled(case_id: str, where: Path, allow: bool, found: list[str]) -> None:
+    if not allow:
+        raise ValueError(f"case {case_id!r} has no annotation ({where}); pass allow_unlabelled to leave it out")
+    found.append(case_id)
+
+
+def _scan_kits_cases(root: Path) -> list[Path]:
+    cases = sorted(p for p in root.iterdir() if p.is_dir() and _CASE_DIR_RE.match(p.name))
+    if not cases:
+        raise ValueError(f"no case_XXXXX folders under {root}")
+    for case in cases:
+        if not (case / "imaging.nii.gz").is_file():
+            raise ValueError(f"case {case.name!r}: image file {case / 'imaging.nii.gz'} does not exist")
+    return cases
+
+
+def _scan_kits19(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
+    spec = ManifestSpec([], 3, ["background", "kidney", "tumor"], "CT", 3)
+    for case in _scan_kits_cases(root):
+        seg = case / "segmentation.nii.gz"
+        if not seg.is_file():
+            _unlabelled(case.name, seg, allow_unlabelled, spec.unlabelled)
+            continue
+        spec.rows.append({"case_id": case.name, "image": case / "imaging.nii.gz", "label": seg, "rater": "1"})
+    return [spec]
+
+
+def _scan_kits21(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
+    spec = ManifestSpec([], 4, list(kits.CLASS_NAMES), "CT", 3)
+    for case in _scan_kits_cases(root):
+        instance_dir = kits.find_instance_dir(case)
+        numbers = kits.annotation_numbers(instance_dir) if instance_dir is not None else []
+        if not numbers:
+            _unlabelled(case.name, case / "instances", allow_unlabelled, spec.unlabelled)
+            continue
+        for j in numbers:
+            kits.annotation_files(instance_dir, j, case.name)  # every instance must have annotation j
+            spec.rows.append(
+                {"case_id": case.name, "image": case / "imaging.nii.gz", "label": instance_dir, "rater": str(j)}
+            )
+    return [spec]
+
+
+def _scan_lits(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
+    found: dict[str, dict[int, Path]] = {"volume": {}, "segmentation": {}}
+    for p in sorted(root.rglob("*.nii*")):
+        m = _LITS_RE.match(p.name)
+        if not m or not p.is_file():
+            continue
+        kind, n = m.group(1), int(m.group(2))
+        if n in found[kind]:
+            raise ValueError(f"{kind}-{n} appears twice under {root}: {found[kind][n]} and {p}")
+        found[kind][n] = p
+    if not found["volume"]:
+        raise ValueError(f"no volume-N.nii files under {root}")
+    orphans = sorted(set(found["segmentation"]) - set(found["volume"]))
+    if orphans:
+        raise ValueError(f"case 'volume-{orphans[0]}': {found['segmentation'][orphans[0]]} has no volume-{orphans[0]}")
+    spec = ManifestSpec([], 3, ["background", "liver", "tumor"], "CT", 3)
+    for n in sorted(found["volume"]):
+        case_id = f"volume-{n}"
+        if n not in found["segmentation"]:
+            _unlabelled(case_id, found["volume"][n], allow_unlabelled, spec.unlabelled)
+            continue
+        spec.rows.append(
+            {"case_id": case_id, "image": found["volume"][n], "label": found["segmentation"][n], "rater": "1"}
+        )
+    return [spec]
+
+
+def _qubiq_geometry(image: Path, mask: Path) -> tuple[int, int]:
+    """(spatial_dims, in_channels) of a QUBIQ dataset from one image/mask pair's headers."""
+    img_shape = tuple(nib.load(image).shape)
+    mask_shape = tuple(nib.load(mask).shape)
+    if img_shape == mask_shape:
+        if len(img_shape) == 3 and img_shape[-1] == 1:
+            return 2, 1
+        if len(img_shape) in (2, 3):
+            return len(img_shape), 1
+    elif len(img_shape) == 3 and img_shape[:-1] == mask_shape[:2] and mask_shape[2:] in ((), (1,)):
+        return 2, img_shape[-1]
+    raise ValueError(f"image {image} {img_shape} and mask {mask} {mask_shape} do not share a spatial grid")
+
+
+def _scan_qubiq(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
+    def has_subsets(d: Path) -> bool:
+        return (d / "Training").is_dir() or (d / "Validation").is_dir()
+
+    datasets = [root] if has_subsets(root) else sorted(d for d in root.iterdir() if d.is_dir() and has_subsets(d))
+    if not datasets:
+        raise ValueError(f"no QUBIQ dataset folders (with Training/ or Validation/) under {root}")
+    specs = []
+    for dataset in datasets:
+        # task -> rows; case ids per task; every case seen
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        cases: list[tuple[str, Path, dict[str, list[tuple[str, Path]]]]] = []
+        for subset in ("Training", "Validation"):
+            folder = dataset / subset
+            if not folder.is_dir():
+                continue
+            for case in sorted(p for p in folder.iterdir() if p.is_dir() and _QUBIQ_CASE_RE.match(p.name)):
+                case_id = f"{subset.lower()}-{case.name}"
+                image = case / "image.nii.gz"
+                if not image.is_file():
+                    raise ValueError(f"case {case_id!r} of {dataset.name}: image file {image} does not exist")
+                masks: dict[str, list[tuple[str, Path]]] = {}
+                for p in sorted(case.iterdir()):
+                    m = _QUBIQ_MASK_RE.match(p.name)
+                    if m:
+                        masks.setdefault(m.group(1), []).append((m.group(2), p))
+                cases.append((case_id, image, masks))
+                for task, raters in masks.items():
+                    for rater, path in raters:
+                        by_task.setdefault(task, []).append(
+                            {"case_id": case_id, "image": image, "label": path, "rater": rater, "subset": subset}
+                        )
+        if not cases:
+            raise ValueError(f"no caseNN folders in QUBIQ dataset {dataset}")
+        if not by_task:
+            raise ValueError(f"QUBIQ dataset {dataset} has no taskTT_segRR masks")
+        for task in sorted(by_task):
+            unlabelled: list[str] = []
+            for case_id, image, masks in cases:
+                if task not in masks:
+                    _unlabelled(f"{case_id} (task {task})", image.parent, allow_unlabelled, unlabelled)
+            first = by_task[task][0]
+            spatial_dims, in_channels = _qubiq_geometry(first["image"], first["label"])
+            specs.append(
+                ManifestSpec(
+                    rows=by_task[task],
+                    num_classes=2,
+                    class_names=["background", f"{dataset.name}-task{task}"],
+                    modality=QUBIQ_MODALITY.get(dataset.name, "unknown"),
+                    spatial_dims=spatial_dims,
+                    in_channels=in_channels,
+                    suffix=f"_{dataset.name}_task{task}",
+                    extra={"dataset": dataset.name, "task": task},
+                    unlabelled=unlabelled,
+                )
+            )
+    return specs
+
+
+def _scan_demo(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
+    cases = sorted(p for p in root.iterdir() if p.is_dir() and (p / "image.nii.gz").is_file())
+    if not cases:
+        raise ValueError(f"no case folders with image.nii.gz under {root}")
+    spatial_dims = len(nib.load(cases[0] / "image.nii.gz").shape)
+    spec = ManifestSpec([], 3, list(DEMO_CLASS_NAMES), "CT", spatial_dims)
+    for case in cases:
+        raters = sorted(
+            ((int(m.group(1)), p) for p in case.iterdir() if (m := _DEMO_RATER_RE.match(p.name))), key=lambda t: t[0]
+        )
+        if not raters:
+            _unlabelled(case.name, case, allow_unlabelled, spec.unlabelled)
+            continue
+        for j, p in raters:
+            spec.rows.append({"case_id": case.name, "image": case / "image.nii.gz", "label": p, "rater": str(j)})
+    return [spec]
+
+
+_SCANNERS = {
+    "qubiq": _scan_qubiq,
+    "lits": _scan_lits,
+    "kits19": _scan_kits19,
+    "kits21": _scan_kits21,
+    "kits23": _scan_kits21,
+    "demo": _scan_demo,
+}
+
+
+def scan_layout(layout: str, root: str | os.PathLike, allow_unlabelled: bool = False) -> list[ManifestSpec]:
+    """Scan ``root`` in the published ``layout``; one :class:`ManifestSpec` per manifest to write.
+
+    Raises ``ValueError`` for an unknown layout, a missing root, an image that is missing, a case with no
+    annotation (unless ``allow_unlabelled``), and layout-specific inconsistencies, naming the case and file.
+    """
+    if layout not in _SCANNERS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+    root = Path(os.path.abspath(root))
+    if not root.is_dir():
+        raise ValueError(f"dataset root {root} is not a folder")
+    specs = _SCANNERS[layout](root, allow_unlabelled)
+    for spec in specs:
+        if not spec.rows:
+            raise ValueError(f"no annotated cases found under {root} for layout {layout!r}{spec.suffix}")
+    return specs
+
+
+def build_manifest(
+    layout: str,
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    folds: int = 5,
+    seed: int = 0,
+    allow_unlabelled: bool = False,
+) -> list[Path]:
+    """Scan ``root`` in ``layout`` and write manifest(s) with deterministic K-fold by case; returns their paths.
+
+    ``out`` is the manifest CSV (its metadata goes to the same name with ``.json``). QUBIQ writes one manifest
+    per dataset and task, named ``<out stem>_<dataset>_task<TT>.csv`` next to ``out``. Folds come from
+    :func:`medjdt.data.manifest.assign_folds` (all raters of a case share the fold).
+    """
+    out = Path(out)
+    if out.suffix != ".csv":
+        raise ValueError(f"manifest path {out} must end with .csv")
+    specs = scan_layout(layout, root, allow_unlabelled)
+    written = []
+    for spec in specs:
+        fold_of = assign_folds([r["case_id"] for r in spec.rows], folds, seed)
+        rows = [{**r, "fold": fold_of[r["case_id"]]} for r in spec.rows]
+        path = out.with_name(f"{out.stem}{spec.suffix}.csv")
+        extra = {
+            "layout": layout,
+            "source_root": os.path.abspath(root),
+            "fold_seed": seed,
+            "unlabelled_cases": spec.unlabelled,
+            **spec.extra,
+        }
+        written.append(
+            write_manifest(
+                rows,
+                path,
+                num_classes=spec.num_classes,
+                class_names=spec.class_names,
+                modality=spec.modality,
+                spatial_dims=spec.spatial_dims,
+                in_channels=spec.in_channels,
+                num_folds=folds,
+                extra_metadata=extra,
+            )
+        )
+    return written
