@@ -1,1 +1,17 @@
-"""medjdt.models."""
+"""Networks and the Lightning module: :class:`SegmentationModule`, :func:`build_network`,
+:func:`load_teacher`, :class:`NiftiPredictionWriter`."""
+
+from medjdt.models.module import SegmentationModule
+from medjdt.models.networks import build_network, deep_supervision_heads, network_channels
+from medjdt.models.prediction_writer import NiftiPredictionWriter
+from medjdt.models.teacher import TeacherSpec, load_teacher
+
+__all__ = [
+    "SegmentationModule",
+    "build_network",
+    "deep_supervision_heads",
+    "network_channels",
+    "NiftiPredictionWriter",
+    "TeacherSpec",
+    "load_teacher",
+]

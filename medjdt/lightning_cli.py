@@ -1,0 +1,79 @@
+"""The training subcommands ``medjdt fit|validate|test|predict``, built on LightningCLI.
+
+Configs are plain LightningCLI YAML with ``model:``, ``data:`` and ``trainer:`` sections. Besides
+Lightning's own options this adds ``checkpoint.*`` (a ``ModelCheckpoint``: best by ``checkpoint.monitor``,
+default ``val/dice``, plus ``last``) and ``prediction_writer.output_dir`` (NIfTI outputs of ``predict``).
+``model.roi_size`` follows ``data.patch_size`` and ``model.class_names`` the manifest. Unless
+``trainer.logger`` is set, runs log to ``runs/<config name>/version_N`` (CSV, and TensorBoard when installed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from medjdt.data import SegmentationDataModule
+from medjdt.models import NiftiPredictionWriter, SegmentationModule
+
+TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
+
+__all__ = ["TRAINING_COMMANDS", "MedjdtCLI", "run_training_cli"]
+
+
+def _default_loggers(name: str) -> list[dict[str, Any]]:
+    """CSV logging under ``runs/<name>/version_N``, plus TensorBoard there when it is installed."""
+    args = {"save_dir": "runs", "name": name}
+    loggers = [{"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": args}]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append({"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": args})
+    return loggers
+
+
+def _run_name(args: Sequence[str]) -> str:
+    """The stem of the (last) ``--config`` file, else ``medjdt``."""
+    name = "medjdt"
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            name = Path(args[i + 1]).stem
+        elif arg.startswith("--config="):
+            name = Path(arg.split("=", 1)[1]).stem
+    return name
+
+
+class MedjdtCLI(LightningCLI):
+    """LightningCLI over :class:`SegmentationModule` and :class:`SegmentationDataModule`."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/dice",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(NiftiPredictionWriter, "prediction_writer")
+        parser.link_arguments("data.patch_size", "model.roi_size")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+
+def run_training_cli(args: Sequence[str]) -> MedjdtCLI:
+    """Run ``medjdt <fit|validate|test|predict> ...`` with ``args`` (the subcommand first)."""
+    args = list(args)
+    return MedjdtCLI(
+        SegmentationModule,
+        SegmentationDataModule,
+        # From the console script the arguments are sys.argv itself; LightningCLI warns when given both.
+        args=None if args == sys.argv[1:] else args,
+        trainer_defaults={"logger": _default_loggers(_run_name(args))},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "medjdt", "description": "Train and evaluate soft-label segmentation models."},
+    )

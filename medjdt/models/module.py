@@ -1,0 +1,355 @@
+"""``SegmentationModule``: a MONAI network trained on fused soft targets with CE + JML/DML.
+
+The module holds the network, the loss and the step logic only; data comes from
+:class:`medjdt.data.SegmentationDataModule`. Every setting is a typed ``__init__`` argument so
+LightningCLI exposes it in YAML.
+
+Batches (see the data module):
+    train: ``image`` (B, 1, *patch) float, ``label`` (B, C, *patch) float soft target.
+    val/test: ``image`` (1, 1, *spatial), ``raters`` (1, R, *spatial) int, ``case_id`` [str].
+    predict: ``image`` (1, 1, *spatial), ``case_id`` [str].
+
+Logged metrics (validation prefix ``val/``, test prefix ``test/``), all means over foreground classes:
+    ``dice``, ``iou``: hard Dice/IoU of the argmax against the raters' majority vote (per image, then mean).
+    ``soft_dice``, ``thresholded_dice``: against the mean of the raters (soft reference).
+    ``ece``, ``brier``, ``nll``: calibration against the mean of the raters (pooled over voxels).
+    ``ece_majority``, ``brier_majority``: calibration against the majority vote.
+    ``dice/<class>``, ``soft_dice/<class>``: per-class values.
+Training logs ``train/loss`` and its parts (``train/ce``, ``train/jdt``, and the teacher terms).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+
+from medjdt.data.atomic import atomic_write
+from medjdt.labels import fuse
+from medjdt.losses import DiceSemimetricLoss, SegmentationLoss, SoftTargetCrossEntropy
+from medjdt.metrics import CalibrationMetrics, OverlapMetrics
+from medjdt.models.networks import build_network, deep_supervision_heads, network_channels
+from medjdt.models.schedules import Schedule, lr_factor
+from medjdt.models.specs import instantiate
+from medjdt.models.teacher import TeacherSpec, load_teacher
+
+__all__ = ["SegmentationModule"]
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor view of a MONAI MetaTensor (its geometry metadata is not needed past the data module)."""
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+
+
+def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False), suffix=".csv")
+
+
+class SegmentationModule(pl.LightningModule):
+    """Soft-label segmentation training, validation, test and prediction.
+
+    Args:
+        network: the network, ``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)`` logits; in YAML
+            ``{class_path: monai.networks.nets.UNet, init_args: {...}}`` (MONAI UNet, DynUNet, SegResNet, ... or
+            any ``nn.Module``). From Python a spec dict is accepted too (short MONAI names allowed); the spec is
+            kept in the checkpoint so teachers and predictions rebuild the network from it. MONAI
+            ``DynUNet(deep_supervision=True)`` is supported: each head is trained against the soft target
+            downsampled with area interpolation, weighted ``1/2**i`` (normalised).
+        ce_weight: weight of the soft-target cross-entropy.
+        jdt_weight: weight of the JDT (Jaccard/Dice) loss.
+        jdt: the JDT loss module, e.g. ``{class_path: medjdt.losses.JaccardMetricLoss, init_args: {...}}``
+            (default ``DiceSemimetricLoss()``).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_fraction: fraction of all optimiser steps spent in linear warm-up.
+        schedule: decay after warm-up: ``poly`` (power 0.9), ``cosine`` or ``constant``.
+        roi_size: sliding-window size for whole-volume inference (default: the training patch size, linked by
+            the CLI; required otherwise).
+        sw_batch_size: windows per forward pass in sliding-window inference.
+        overlap: sliding-window overlap in [0, 1).
+        blend_mode: ``gaussian`` or ``constant`` window blending.
+        teacher: distillation settings ``{checkpoint, temperature, label_weight, teacher_weight}`` (see
+            :class:`medjdt.models.teacher.TeacherSpec`); ``None`` trains without a teacher.
+        class_names: names of the C classes (background first), used in metric names and CSV columns.
+        ece_bins: number of equal-width confidence bins for ECE and reliability diagrams.
+
+    Raises:
+        ValueError: unknown network or loss, bad weights, a missing or mismatched teacher checkpoint.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        ce_weight: float = 0.25,
+        jdt_weight: float = 0.75,
+        jdt: torch.nn.Module | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        warmup_fraction: float = 0.05,
+        schedule: Schedule = "poly",
+        roi_size: list[int] | None = None,
+        sw_batch_size: int = 2,
+        overlap: float = 0.5,
+        blend_mode: Literal["gaussian", "constant"] = "gaussian",
+        teacher: TeacherSpec | None = None,
+        class_names: list[str] | None = None,
+        ece_bins: int = 15,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.network, network_spec = self._network_and_spec(network)
+        self.in_channels, self.num_classes = self._channels(self.network, network_spec)
+        if self.num_classes < 2:
+            raise ValueError(f"network out_channels must be >= 2 (background + classes), got {self.num_classes}")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ValueError(
+                f"network out_channels={self.num_classes} disagrees with the {len(class_names)} classes "
+                f"{list(class_names)} of the dataset (manifest)"
+            )
+        self.class_names = list(class_names) if class_names else [f"class{c}" for c in range(self.num_classes)]
+        if isinstance(jdt, Mapping):
+            jdt = instantiate(jdt, torch.nn.Module, "jdt loss", short_prefix="medjdt.losses")
+        elif jdt is None:
+            jdt = DiceSemimetricLoss()
+        if isinstance(self.hparams.get("jdt"), torch.nn.Module):
+            self.hparams.pop("jdt")  # a built loss is not pickled into the hyper-parameters
+        self.loss = SegmentationLoss(ce_weight=ce_weight, jdt_weight=jdt_weight, jdt=jdt)
+        self.teacher_spec = None if teacher is None else TeacherSpec.from_mapping(teacher)
+        if self.teacher_spec is not None:
+            self.hparams["teacher"] = asdict(self.teacher_spec)
+        # The teacher is kept outside the module tree: it is frozen, not part of the student's checkpoint,
+        # and moved to the student's device on first use.
+        self._teacher: tuple[torch.nn.Module, ...] = ()
+        if self.teacher_spec is not None:
+            self._teacher = (load_teacher(self.teacher_spec.checkpoint, self.num_classes, self.in_channels),)
+            self._kd_ce = SoftTargetCrossEntropy()
+        self._metrics: dict[str, torch.nn.ModuleDict] = {}
+        for stage in ("val", "test"):
+            metrics = torch.nn.ModuleDict(
+                {
+                    "overlap_majority": OverlapMetrics(self.num_classes, class_names=self.class_names),
+                    "overlap_mean": OverlapMetrics(self.num_classes, class_names=self.class_names),
+                    "calibration_mean": CalibrationMetrics(
+                        self.num_classes, n_bins=ece_bins, class_names=self.class_names
+                    ),
+                    "calibration_majority": CalibrationMetrics(
+                        self.num_classes, n_bins=ece_bins, class_names=self.class_names
+                    ),
+                }
+            )
+            setattr(self, f"{stage}_metrics", metrics)
+            self._metrics[stage] = metrics
+
+    def _network_and_spec(self, network: torch.nn.Module | Mapping[str, Any]) -> tuple[torch.nn.Module, Any]:
+        """The network module and its ``class_path`` spec (None when only a built module was given).
+
+        Under LightningCLI the saved hyper-parameters hold the config's spec; in Python a spec dict may be
+        passed directly. Either way the spec stays in the checkpoint so the network can be rebuilt from it
+        (teachers, prediction). A bare module cannot be rebuilt and is not pickled into the hyper-parameters.
+        """
+        if isinstance(network, Mapping):
+            return build_network(network), dict(network)
+        if not isinstance(network, torch.nn.Module):
+            raise ValueError(f"network must be a torch.nn.Module or a class_path spec, got {type(network).__name__}")
+        spec = self.hparams.get("network")
+        if isinstance(spec, Mapping):
+            return network, dict(spec)
+        self.hparams.pop("network", None)
+        return network, None
+
+    @staticmethod
+    def _channels(network: torch.nn.Module, spec: Any) -> tuple[int, int]:
+        if spec is not None:
+            in_channels, out_channels, _ = network_channels(spec)
+            return in_channels, out_channels
+        try:
+            return int(network.in_channels), int(network.out_channels)
+        except AttributeError as err:
+            raise ValueError(
+                f"cannot tell the channels of {type(network).__name__}: pass the network as a class_path spec"
+            ) from err
+
+    # ------------------------------------------------------------------ forward / inference
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, *spatial)`` for ``image`` ``(B, in_channels, *spatial)`` (one forward pass)."""
+        return self.network(image)
+
+    def infer(self, image: torch.Tensor) -> torch.Tensor:
+        """Sliding-window probabilities ``(B, C, *spatial)`` (float32) for a whole volume ``(B, 1, *spatial)``."""
+        roi = self.hparams.roi_size
+        if roi is None:
+            raise ValueError("model.roi_size is not set (the CLI links it to data.patch_size)")
+        if len(roi) != image.dim() - 2:
+            raise ValueError(f"roi_size {roi} does not match the {image.dim() - 2}-D image {tuple(image.shape)}")
+        logits = sliding_window_inference(
+            image,
+            roi_size=list(roi),
+            sw_batch_size=self.hparams.sw_batch_size,
+            predictor=self.network,
+            overlap=self.hparams.overlap,
+            mode=self.hparams.blend_mode,
+        )
+        return torch.softmax(torch.as_tensor(logits).float(), dim=1)
+
+    # ------------------------------------------------------------------ training
+    def _supervised_loss(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        logits, heads = deep_supervision_heads(self.network, output)
+        total, parts = self.loss(logits.float(), target)
+        if not heads:
+            return total, parts
+        # nnU-Net weighting: 1, 1/2, 1/4, ... normalised; soft targets are downsampled by area averaging so
+        # they stay probability vectors (nearest would turn them into a random sample of the voxels).
+        weights = [1.0] + [0.5 ** (i + 1) for i in range(len(heads))]
+        total = total * weights[0]
+        for w, head in zip(weights[1:], heads):
+            small = F.interpolate(target, size=head.shape[2:], mode="area")
+            head_total, _ = self.loss(head.float(), small)
+            total = total + w * head_total
+        return total / sum(weights), parts
+
+    def _teacher_loss(
+        self, logits: torch.Tensor, image: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        spec = self.teacher_spec
+        teacher = self._teacher[0]
+        if next(teacher.parameters()).device != image.device:
+            teacher.to(image.device)
+        with torch.no_grad():
+            teacher_probs = torch.softmax(teacher(image).float() / spec.temperature, dim=1)
+        student = logits.float() / spec.temperature
+        # KL(teacher || student) = CE(teacher, student) - H(teacher); the entropy term has no gradient.
+        ce = self._kd_ce(student, teacher_probs)
+        entropy = -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(1).mean()
+        kl = ce - entropy
+        jdt = self.loss.jdt(student, teacher_probs)
+        total = spec.temperature**2 * kl + jdt
+        return total, {"kd_kl": kl.detach(), "kd_jdt": jdt.detach()}
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        image, target = batch["image"], batch["label"]
+        output = self.network(image)
+        loss, parts = self._supervised_loss(output, target.float())
+        if self.teacher_spec is not None:
+            logits, _ = deep_supervision_heads(self.network, output)
+            kd_total, kd_parts = self._teacher_loss(logits, image)
+            loss = self.teacher_spec.label_weight * loss + self.teacher_spec.teacher_weight * kd_total
+            parts = {**parts, **kd_parts}
+        batch_size = image.shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=False)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------ validation / test
+    def _references(self, raters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean soft reference ``(1, C, *spatial)`` and majority hard reference ``(1, *spatial)`` of ``(R, *sp)``."""
+        soft = fuse(raters, "mean", self.num_classes).to(raters.device)
+        hard = fuse(raters, "majority", self.num_classes).argmax(0).to(raters.device)
+        return soft[None], hard[None]
+
+    def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
+        image, raters, case_ids = batch["image"], batch["raters"], list(batch["case_id"])
+        if image.shape[0] != 1 or raters.shape[0] != 1:
+            raise ValueError(f"{stage} batches must hold one whole volume, got image {tuple(image.shape)}")
+        probs = self.infer(_plain(image))
+        soft, hard = self._references(_plain(raters)[0].long())
+        metrics = self._metrics[stage]
+        metrics["overlap_majority"].update(probs, hard, case_ids=case_ids)
+        metrics["overlap_mean"].update(probs, soft, case_ids=case_ids)
+        metrics["calibration_mean"].update(probs, soft, case_ids=case_ids)
+        metrics["calibration_majority"].update(probs, hard, case_ids=case_ids)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _summary(self, stage: str) -> dict[str, torch.Tensor]:
+        m = self._metrics[stage]
+        over_hard = m["overlap_majority"].compute()
+        over_soft = m["overlap_mean"].compute()
+        cal_soft = m["calibration_mean"].compute()
+        cal_hard = m["calibration_majority"].compute()
+        out = {
+            "dice": over_hard["dice"],
+            "iou": over_hard["iou"],
+            "soft_dice": over_soft["soft_dice"],
+            "thresholded_dice": over_soft["thresholded_dice"],
+            "ece": cal_soft["ece"],
+            "brier": cal_soft["brier"],
+            "nll": cal_soft["nll"],
+            "ece_majority": cal_hard["ece"],
+            "brier_majority": cal_hard["brier"],
+        }
+        for name in self.class_names[1:]:
+            out[f"dice/{name}"] = over_hard[f"dice/{name}"]
+            out[f"soft_dice/{name}"] = over_soft[f"soft_dice/{name}"]
+        return out
+
+    def _per_case(self, stage: str) -> pd.DataFrame:
+        frames = []
+        for key, metric in self._metrics[stage].items():
+            reference = key.rsplit("_", 1)[1]
+            frame = metric.per_case().set_index("case_id")
+            frames.append(frame.add_suffix(f"@{reference}"))
+        return pd.concat(frames, axis=1).reset_index().sort_values("case_id")
+
+    def _end_of_evaluation(self, stage: str) -> None:
+        summary = self._summary(stage)
+        for name, value in summary.items():
+            main = name in ("dice", "soft_dice", "ece", "brier")
+            self.log(f"{stage}/{name}", value, prog_bar=main, sync_dist=False, rank_zero_only=False)
+        frame = self._per_case(stage)
+        reliability = self._metrics[stage]["calibration_mean"].reliability()
+        trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if trainer.is_global_zero and log_dir and not trainer.sanity_checking:
+            _atomic_csv(frame, Path(log_dir) / f"{stage}_per_case.csv")
+            _atomic_csv(reliability, Path(log_dir) / f"{stage}_reliability.csv")
+        for metric in self._metrics[stage].values():
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_of_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_of_evaluation("test")
+
+    # ------------------------------------------------------------------ prediction
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Probabilities ``(1, C, *spatial)`` on the preprocessed grid, with the batch's image and case id."""
+        probs = self.infer(_plain(batch["image"]))
+        return {"probs": probs, "image": batch["image"], "case_id": list(batch["case_id"])}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.network.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
+        if not math.isfinite(total) or total <= 0:
+            total = 1
+        warmup = int(self.hparams.warmup_fraction * total)
+        schedule = self.hparams.schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, warmup, schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The frozen teacher network, or None."""
+        return self._teacher[0] if self._teacher else None

@@ -1,0 +1,85 @@
+"""Frozen teacher networks for knowledge distillation, loaded from medjdt checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medjdt.models.networks import build_network, network_channels
+
+__all__ = ["TeacherSpec", "load_teacher"]
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Distillation settings (``model.teacher`` in a config).
+
+    The student loss is ``label_weight * (CE + JDT on the fused target)
+    + teacher_weight * (T**2 * KL + JDT on softmax(teacher_logits / T))``.
+    """
+
+    checkpoint: str
+    temperature: float = 1.0
+    label_weight: float = 0.5
+    teacher_weight: float = 0.5
+
+    @classmethod
+    def from_mapping(cls, spec: Mapping[str, Any] | TeacherSpec) -> TeacherSpec:
+        """Validated settings from a mapping (a checkpoint's hyper-parameters) or another spec."""
+        if isinstance(spec, TeacherSpec):
+            spec = asdict(spec)
+        if not isinstance(spec, Mapping) or "checkpoint" not in spec:
+            raise ValueError(f"teacher must be a mapping with at least 'checkpoint', got {spec!r}")
+        unknown = set(spec) - {"checkpoint", "temperature", "label_weight", "teacher_weight"}
+        if unknown:
+            raise ValueError(f"teacher has unknown keys {sorted(unknown)}")
+        out = cls(**spec)
+        if out.temperature <= 0:
+            raise ValueError(f"teacher temperature must be > 0, got {out.temperature}")
+        if out.label_weight < 0 or out.teacher_weight < 0 or out.label_weight + out.teacher_weight == 0:
+            raise ValueError(
+                f"teacher label_weight/teacher_weight must be >= 0 and not both 0, got "
+                f"{out.label_weight}/{out.teacher_weight}"
+            )
+        return out
+
+
+def load_teacher(checkpoint: str | Path, num_classes: int, in_channels: int) -> torch.nn.Module:
+    """Rebuild the network stored in a medjdt checkpoint, frozen and in eval mode.
+
+    Only the network is restored (from the checkpoint's ``network`` hyper-parameter and the ``network.*``
+    weights); the teacher may be a different (bigger) architecture than the student.
+
+    Raises:
+        ValueError: the file is missing, is not a medjdt checkpoint, or its network's input/output
+            channels differ from the student's.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"teacher checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise ValueError(f"teacher checkpoint {str(path)!r} cannot be read: {err}") from err
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    spec = hparams.get("network")
+    if spec is None or "state_dict" not in ckpt:
+        raise ValueError(f"teacher checkpoint {str(path)!r} is not a medjdt SegmentationModule checkpoint")
+    t_in, t_out, _ = network_channels(spec)
+    if t_out != num_classes or t_in != in_channels:
+        raise ValueError(
+            f"teacher checkpoint {str(path)!r} has {t_in} input / {t_out} output channels, "
+            f"but the student has {in_channels} / {num_classes}"
+        )
+    network = build_network(spec)
+    prefix = "network."
+    weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    network.load_state_dict(weights)
+    network.eval()
+    for param in network.parameters():
+        param.requires_grad_(False)
+    return network
