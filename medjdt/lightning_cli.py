@@ -26,9 +26,16 @@ TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 __all__ = ["TRAINING_COMMANDS", "MedjdtCLI", "run_training_cli"]
 
 
+def _next_version(save_dir: Path) -> int:
+    """The first ``version_N`` not yet used under ``save_dir`` (Lightning's own numbering)."""
+    used = [int(p.name.split("_", 1)[1]) for p in save_dir.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    return max(used, default=-1) + 1
+
+
 def _default_loggers(name: str) -> list[dict[str, Any]]:
-    """CSV logging under ``runs/<name>/version_N``, plus TensorBoard there when it is installed."""
-    args = {"save_dir": "runs", "name": name}
+    """CSV logging under ``runs/<name>/version_N``, plus TensorBoard into the same folder when it is installed."""
+    # One explicit version for both loggers, so their files share one run directory.
+    args = {"save_dir": "runs", "name": name, "version": _next_version(Path("runs") / name)}
     loggers = [{"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": args}]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append({"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": args})

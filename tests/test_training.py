@@ -124,6 +124,9 @@ def test_fit_validate_predict_resume(phantoms, tmp_path):
         values = metrics[name].dropna()
         assert len(values) == 1 and np.isfinite(values).all(), name
     assert ((metrics["val/dice"].dropna() >= 0) & (metrics["val/dice"].dropna() <= 1)).all()
+    # The logged per-image aggregates are the means of the per-case CSV's columns.
+    for name in ("dice", "soft_dice", "thresholded_dice"):
+        assert metrics[f"val/{name}"].dropna().iloc[-1] == pytest.approx(per_case[name].mean(), rel=1e-5)
 
     # Resume from last: the epoch count continues (1 done, 2 requested).
     last = version / "checkpoints" / "last.ckpt"

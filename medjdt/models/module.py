@@ -15,6 +15,9 @@ Logged metrics (validation prefix ``val/``, test prefix ``test/``), all means ov
     ``ece``, ``brier``, ``nll``: calibration against the mean of the raters (pooled over voxels).
     ``ece_majority``, ``brier_majority``: calibration against the majority vote.
     ``dice/<class>``, ``soft_dice/<class>``: per-class values.
+At the end of each validation/test epoch ``<log_dir>/<stage>_per_case.csv`` holds one row per case with the same
+metrics per case (plus ``iou``, ``nll_majority``, per-class columns ``<metric>/<class>`` and ``n_voxels``), and
+``<stage>_reliability.csv`` the pooled reliability bins against the mean of the raters.
 Training logs ``train/loss`` and its parts (``train/ce``, ``train/jdt``, and the teacher terms).
 """
 
@@ -299,13 +302,24 @@ class SegmentationModule(pl.LightningModule):
             out[f"soft_dice/{name}"] = over_soft[f"soft_dice/{name}"]
         return out
 
+    # Per-case CSV columns: (metric object, column prefix in its per_case() frame, suffix in the CSV).
+    _CASE_COLUMNS = (
+        ("overlap_majority", ("n_voxels", "dice", "iou"), ""),
+        ("overlap_mean", ("soft_dice", "thresholded_dice"), ""),
+        ("calibration_mean", ("ece", "ece_classwise", "brier", "nll"), ""),
+        ("calibration_majority", ("ece", "brier", "nll"), "_majority"),
+    )
+
     def _per_case(self, stage: str) -> pd.DataFrame:
-        frames = []
-        for key, metric in self._metrics[stage].items():
-            reference = key.rsplit("_", 1)[1]
-            frame = metric.per_case().set_index("case_id")
-            frames.append(frame.add_suffix(f"@{reference}"))
-        return pd.concat(frames, axis=1).reset_index().sort_values("case_id")
+        """One row per case: the logged metrics (same names, see the module docstring) per case and class."""
+        columns = {}
+        for key, prefixes, suffix in self._CASE_COLUMNS:
+            frame = self._metrics[stage][key].per_case().set_index("case_id")
+            for column in frame.columns:
+                head, _, cls = column.partition("/")
+                if head in prefixes:
+                    columns[f"{head}{suffix}" + (f"/{cls}" if cls else "")] = frame[column]
+        return pd.DataFrame(columns).rename_axis("case_id").reset_index().sort_values("case_id")
 
     def _end_of_evaluation(self, stage: str) -> None:
         summary = self._summary(stage)
