@@ -4,7 +4,8 @@ Configs are plain LightningCLI YAML with ``model:``, ``data:`` and ``trainer:`` 
 Lightning's own options this adds ``checkpoint.*`` (a ``ModelCheckpoint``: best by ``checkpoint.monitor``,
 default ``val/dice``, plus ``last``) and ``prediction_writer.output_dir`` (NIfTI outputs of ``predict``).
 ``model.roi_size`` follows ``data.patch_size`` and ``model.class_names`` the manifest. Unless
-``trainer.logger`` is set, runs log to ``runs/<config name>/version_N`` (CSV, and TensorBoard when installed).
+``trainer.logger`` is set, runs log to ``runs/<config name>/version_N`` (CSV, and TensorBoard when installed),
+and ``--ckpt_path last`` resumes from the newest ``last.ckpt`` there (into a new version directory).
 """
 
 from __future__ import annotations
@@ -72,15 +73,38 @@ class MedjdtCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
 
+def _resolve_last(args: list[str], name: str) -> list[str]:
+    """Replace ``--ckpt_path last`` by the newest ``runs/<name>/version_N/checkpoints/last.ckpt``.
+
+    Every run logs into a new version directory, so Lightning's own ``last`` lookup (in the new run's empty
+    checkpoint folder) would find nothing; the resumed run continues the epoch and step counts from that file.
+    Runs with a ``trainer.logger`` of their own keep Lightning's behaviour.
+    """
+    if any(a.startswith("--trainer.logger") for a in args):
+        return args
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--ckpt_path=last" or (arg == "last" and i > 0 and out[i - 1] == "--ckpt_path"):
+            candidates = sorted(
+                (Path("runs") / name).glob("version_*/checkpoints/last.ckpt"),
+                key=lambda p: int(p.parts[-3].split("_", 1)[1]) if p.parts[-3].split("_", 1)[1].isdigit() else -1,
+            )
+            if not candidates:
+                raise ValueError(f"--ckpt_path last: no runs/{name}/version_*/checkpoints/last.ckpt to resume from")
+            out[i] = f"--ckpt_path={candidates[-1]}" if arg.startswith("--ckpt_path=") else str(candidates[-1])
+    return out
+
+
 def run_training_cli(args: Sequence[str]) -> MedjdtCLI:
     """Run ``medjdt <fit|validate|test|predict> ...`` with ``args`` (the subcommand first)."""
-    args = list(args)
+    name = _run_name(args)
+    resolved = _resolve_last(list(args), name)
     return MedjdtCLI(
         SegmentationModule,
         SegmentationDataModule,
         # From the console script the arguments are sys.argv itself; LightningCLI warns when given both.
-        args=None if args == sys.argv[1:] else args,
-        trainer_defaults={"logger": _default_loggers(_run_name(args))},
+        args=None if resolved == sys.argv[1:] else resolved,
+        trainer_defaults={"logger": _default_loggers(name)},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "medjdt", "description": "Train and evaluate soft-label segmentation models."},
     )

@@ -33,7 +33,12 @@ def phantoms(tmp_path_factory) -> Path:
     return make_phantom_dataset(out, cases=7, raters=3, shape=(24, 24, 24), dims=3, seed=0, folds=3)
 
 
-def _fit_args(manifest: Path, run_dir: Path, *extra: str, epochs: int = 1) -> list[str]:
+def _fit_args(manifest: Path, run_dir: Path | None, *extra: str, epochs: int = 1) -> list[str]:
+    """Arguments of a tiny CPU run; ``run_dir=None`` keeps the default loggers (``runs/<config>/version_N``)."""
+    logger = [] if run_dir is None else [
+        "--trainer.logger", '{"class_path": "pytorch_lightning.loggers.CSVLogger", '
+        f'"init_args": {{"save_dir": "{run_dir}", "name": "run"}}}}',
+    ]
     return [
         "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
         "--data.manifest", str(manifest), "--data.demo", "null",
@@ -43,8 +48,7 @@ def _fit_args(manifest: Path, run_dir: Path, *extra: str, epochs: int = 1) -> li
         "--trainer.max_epochs", str(epochs), "--trainer.check_val_every_n_epoch", "1",
         "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.logger", '{"class_path": "pytorch_lightning.loggers.CSVLogger", '
-        f'"init_args": {{"save_dir": "{run_dir}", "name": "run"}}}}',
+        *logger,
         *extra,
     ]
 
@@ -151,6 +155,19 @@ def test_fit_validate_predict_resume(phantoms, tmp_path):
         p = probs.get_fdata()
         np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-4)
         np.testing.assert_array_equal(label.get_fdata().astype(int), p.argmax(-1))
+
+
+def test_resume_with_ckpt_path_last_continues_the_latest_run(phantoms, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(_fit_args(phantoms, None, "--ckpt_path", "last")) == 2  # nothing to resume yet
+    assert "no runs/demo/version_*/checkpoints/last.ckpt" in capsys.readouterr().err
+    assert main(_fit_args(phantoms, None, epochs=1)) == 0
+    runs = tmp_path / "runs" / "demo"
+    first = torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert main(_fit_args(phantoms, None, "--ckpt_path", "last", epochs=2)) == 0
+    second = torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert second["epoch"] == 1 and second["global_step"] == 2 * first["global_step"]
+    assert sorted(pd.read_csv(runs / "version_1" / "metrics.csv")["epoch"].dropna().unique()) == [1]
 
 
 def test_bf16_mixed_precision_fit(phantoms, tmp_path):
