@@ -1,26 +1,35 @@
 """Throughput of medjdt.metrics next to MONAI and torchmetrics, in one process.
 
 Input: one (2, 3, 96, 96, 96) batch of softmax probabilities with hard labels (B, 96, 96, 96), as a validation
-step has them. Rows:
+step has them. Cases (medjdt side | reference side):
 
-1. The issue's target. medjdt ``expected_calibration_error(kind="classwise")`` + ``brier_score`` + ``dice``
-   (each validating its inputs) against MONAI's pipeline from the same inputs: ``one_hot`` of the labels,
-   ``argmax`` + ``one_hot`` of the prediction (what ``AsDiscrete(argmax=True, to_onehot=C)`` does), then
-   ``CalibrationErrorMetric`` + ``DiceMetric``. MONAI has no Brier score, so medjdt does more work.
-2. The same medjdt call against MONAI's two metrics alone, with the one-hot tensors prepared outside the timing
-   (the part of the gap that is not the input conversion).
-3. Top-label ECE against torchmetrics ``MulticlassCalibrationError`` (per image, on the (N, C) layout it needs).
-4. The full streaming ``update`` of ``CalibrationMetrics`` + ``OverlapMetrics`` (every metric, all bins).
+1. ``fused_ece_brier_dice``: :func:`medjdt.metrics.fused.voxel_sums` on validated inputs: in one pass over the
+   voxels the top-label and classwise ECE bins, Brier and NLL sums and the Dice/IoU/soft Dice sums | MONAI's
+   pipeline from the same inputs: ``one_hot`` of the labels, ``argmax`` + ``one_hot`` of the prediction (what
+   ``AsDiscrete(argmax=True, to_onehot=C)`` does), then ``CalibrationErrorMetric`` + ``DiceMetric``. MONAI
+   computes less (no top-label ECE, Brier, NLL, IoU...). ``fused_all``: the same plus the QUBIQ thresholded
+   Dice counts (nine thresholds).
+   ``fused_vs_reference``: ``fused_all`` | the reference functions of :mod:`medjdt.metrics.calibration` and
+   :mod:`medjdt.metrics.overlap` computing the same sums one metric at a time (same work, same inputs).
+2. ``streaming_update``: ``CalibrationMetrics.update`` + ``OverlapMetrics.update`` (input validation, the
+   fused pass, per-case rows) | the same MONAI pipeline.
+3. ``streaming_vs_monai_metrics``: as 2 | MONAI's two metrics alone, one-hot tensors prepared outside the timing.
+4. ``functional_reference``: the reference functions ``expected_calibration_error(kind="classwise")`` +
+   ``brier_score`` + ``dice`` (each validating its inputs) | the MONAI pipeline.
+5. ``top_label_ece``: medjdt ``expected_calibration_error(kind="top_label")`` | torchmetrics
+   ``MulticlassCalibrationError`` (per image, on the (N, C) layout it needs).
 
-Times are the best of ``--repeats`` runs, the two sides of a row alternating, so that other jobs on a shared
-machine bias neither side.
+Times are the best of ``--repeats`` runs, the two sides of a case alternating, so that other jobs on a shared
+machine bias neither side; the process CPU time (best of the runs) is given too, the steadier figure on a
+shared CPU with one thread.
 
-Usage: ``python benchmarks/bench_metrics.py [--device cuda] [--repeats 10]``
+Usage: ``python benchmarks/bench_metrics.py [--device cuda] [--repeats 10] [--threads N] [--json]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 
@@ -30,12 +39,17 @@ from monai.networks.utils import one_hot
 from torchmetrics.classification import MulticlassCalibrationError
 
 from medjdt.metrics import (
+    QUBIQ_THRESHOLDS,
     CalibrationMetrics,
     OverlapMetrics,
     brier_score,
     dice,
     expected_calibration_error,
 )
+from medjdt.metrics._checks import prepare_inputs
+from medjdt.metrics.calibration import classwise_bin_sums, nll_sums, squared_error_sums, top_label_bin_sums
+from medjdt.metrics.fused import voxel_sums
+from medjdt.metrics.overlap import overlap_sums
 
 
 def _sync(device: torch.device) -> None:
@@ -45,19 +59,20 @@ def _sync(device: torch.device) -> None:
 
 def _time_pair(
     first: Callable[[], object], second: Callable[[], object], device: torch.device, repeats: int
-) -> tuple[float, float]:
-    """Best-of-``repeats`` wall time in seconds of two functions, run alternately after one warm-up call each."""
-    best = [float("inf"), float("inf")]
+) -> list[tuple[float, float]]:
+    """Best-of-``repeats`` (wall, CPU) seconds of two functions, run alternately after one warm-up call each."""
+    best = [(float("inf"), float("inf")), (float("inf"), float("inf"))]
     first()
     second()
     for _ in range(repeats):
         for i, fn in enumerate((first, second)):
             _sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1]
+            wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            best[i] = (min(best[i][0], wall), min(best[i][1], cpu))
+    return best
 
 
 def main() -> None:
@@ -65,7 +80,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--shape", type=int, nargs="+", default=[2, 3, 96, 96, 96], help="B C *spatial")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per case instead of text")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
@@ -75,7 +94,30 @@ def main() -> None:
     labels = torch.randint(0, num_classes, (shape[0], *shape[2:]), generator=generator).to(device)
     n_voxels = probs[:, 0].numel()
 
-    def ours() -> None:
+    inputs = prepare_inputs(probs, labels, simplex=True)
+
+    def fused_ece_brier_dice() -> None:
+        voxel_sums(inputs, n_bins=10, overlap=True)
+
+    def fused_all() -> None:
+        voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS)
+
+    def reference_all() -> None:
+        top_label_bin_sums(inputs, 10)
+        classwise_bin_sums(inputs, 10)
+        squared_error_sums(inputs)
+        nll_sums(inputs, 1e-7)
+        overlap_sums(inputs, QUBIQ_THRESHOLDS)
+
+    calibration = CalibrationMetrics(num_classes).to(device)
+    overlap = OverlapMetrics(num_classes).to(device)
+    case_ids = [f"case{b}" for b in range(shape[0])]
+
+    def streaming() -> None:
+        calibration.update(probs, labels, case_ids)
+        overlap.update(probs, labels, case_ids)
+
+    def functional_reference() -> None:
         expected_calibration_error(probs, labels, n_bins=10, kind="classwise")
         brier_score(probs, labels)
         dice(probs, labels, include_background=True)
@@ -110,37 +152,39 @@ def main() -> None:
             torchmetrics_ece.compute()
             torchmetrics_ece.reset()
 
-    calibration = CalibrationMetrics(num_classes).to(device)
-    overlap = OverlapMetrics(num_classes).to(device)
-    case_ids = [f"case{b}" for b in range(shape[0])]
-
-    def streaming() -> None:
-        calibration.update(probs, labels, case_ids)
-        overlap.update(probs, labels, case_ids)
-
-    print(f"device {device}, shape {shape}, {n_voxels / 1e6:.2f} M voxels, torch threads {torch.get_num_threads()}")
-    rows = [
-        ("ECE(classwise) + Brier + Dice", ours, "MONAI one-hot + CalibrationError + Dice", monai_pipeline),
-        (
-            "ECE(classwise) + Brier + Dice",
-            ours,
-            "MONAI CalibrationError + Dice alone",
-            lambda: monai_metrics(*prepared),
-        ),
-        ("ECE(top-label)", ours_top_label, "torchmetrics MulticlassCalibrationError", torchmetrics_top_label),
+    cases = [
+        ("fused_ece_brier_dice", fused_ece_brier_dice, "monai_pipeline", monai_pipeline),
+        ("fused_all", fused_all, "monai_pipeline", monai_pipeline),
+        ("fused_vs_reference", fused_all, "reference_functions_all", reference_all),
+        ("streaming_update", streaming, "monai_pipeline", monai_pipeline),
+        ("streaming_vs_monai_metrics", streaming, "monai_metrics_prepared", lambda: monai_metrics(*prepared)),
+        ("functional_reference", functional_reference, "monai_pipeline", monai_pipeline),
+        ("top_label_ece", ours_top_label, "torchmetrics", torchmetrics_top_label),
     ]
-    for our_name, our_fn, ref_name, ref_fn in rows:
-        t_ours, t_ref = _time_pair(our_fn, ref_fn, device, args.repeats)
+    if not args.json:
         print(
-            f"medjdt {our_name}: {t_ours * 1e3:7.2f} ms = {n_voxels / t_ours / 1e6:7.1f} M voxels/s | "
-            f"{ref_name}: {t_ref * 1e3:7.2f} ms = {n_voxels / t_ref / 1e6:7.1f} M voxels/s | "
-            f"ratio {t_ref / t_ours:5.2f}x"
+            f"device {device}, shape {shape}, {n_voxels / 1e6:.2f} M voxels, torch threads {torch.get_num_threads()}"
         )
-    t_stream, _ = _time_pair(streaming, lambda: None, device, args.repeats)
-    print(
-        f"medjdt CalibrationMetrics.update + OverlapMetrics.update (every metric): {t_stream * 1e3:7.2f} ms = "
-        f"{n_voxels / t_stream / 1e6:7.1f} M voxels/s"
-    )
+    for name, our_fn, reference_name, reference_fn in cases:
+        (ours_wall, ours_cpu), (ref_wall, ref_cpu) = _time_pair(our_fn, reference_fn, device, args.repeats)
+        record = {
+            "bench": "metrics", "case": name, "reference": reference_name, "device": device.type,
+            "shape": list(shape), "threads": torch.get_num_threads(),
+            "ms": round(1e3 * ours_wall, 3), "reference_ms": round(1e3 * ref_wall, 3),
+            "mvoxels_per_s": round(n_voxels / ours_wall / 1e6, 2),
+            "reference_mvoxels_per_s": round(n_voxels / ref_wall / 1e6, 2),
+            "speedup": round(ref_wall / ours_wall, 3),
+            "cpu_ms": round(1e3 * ours_cpu, 3), "reference_cpu_ms": round(1e3 * ref_cpu, 3),
+            "cpu_speedup": round(ref_cpu / ours_cpu, 3),
+        }
+        if args.json:
+            print(json.dumps(record), flush=True)
+        else:
+            print(
+                f"{name:<27} {record['ms']:8.2f} ms = {record['mvoxels_per_s']:7.1f} M voxels/s | {reference_name:<23}"
+                f" {record['reference_ms']:8.2f} ms = {record['reference_mvoxels_per_s']:7.1f} M voxels/s | speedup "
+                f"{record['speedup']:5.2f}x (CPU time {record['cpu_speedup']:5.2f}x)"
+            )
 
 
 if __name__ == "__main__":

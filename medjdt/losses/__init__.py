@@ -6,10 +6,13 @@
 - :class:`SegmentationLoss`: the weighted mix of the two used in training.
 - Functional core for probabilities (e.g. distillation from a teacher): :func:`jdt_loss`,
   :func:`soft_cardinalities`, :func:`hard_cardinalities`, :func:`tversky_loss`.
+- :func:`fused_cardinalities`: the same cardinalities straight from logits, with the activation fused into one
+  memory-lean autograd function (the default path of :class:`JDTLoss`).
 """
 
 from medjdt.losses.cardinalities import hard_cardinalities, soft_cardinalities
 from medjdt.losses.cross_entropy import SoftTargetCrossEntropy
+from medjdt.losses.fused import fused_cardinalities
 from medjdt.losses.jdt import DiceSemimetricLoss, JaccardMetricLoss, JDTLoss, activate, jdt_loss
 from medjdt.losses.reduction import tversky_loss
 from medjdt.losses.segmentation import SegmentationLoss
@@ -21,6 +24,7 @@ __all__ = [
     "SegmentationLoss",
     "SoftTargetCrossEntropy",
     "activate",
+    "fused_cardinalities",
     "hard_cardinalities",
     "jdt_loss",
     "soft_cardinalities",

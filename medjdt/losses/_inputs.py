@@ -8,6 +8,7 @@ The helpers here raise ``ValueError`` naming the offending shape, dtype or value
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +45,15 @@ def check_ignore_index(ignore_index: int | None) -> None:
         raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
 
 
-def check_logits(logits: torch.Tensor, activation: str | None) -> None:
+def check_logits(logits: torch.Tensor, activation: str | None) -> tuple[float, float] | None:
     """Check a prediction tensor ``(B, C, *spatial)`` with 2 or 3 spatial dims.
 
     Logits must be finite floats; with ``activation=None`` the input holds probabilities and must lie in
     [0, 1]. ``"softmax"`` needs at least 2 channels (a softmax over one channel is constantly 1).
+
+    Returns:
+        The smallest and largest logit (one pass over the data, used to pick a cheaper softmax), or None for
+        probabilities (``activation=None``).
     """
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -65,17 +70,14 @@ def check_logits(logits: torch.Tensor, activation: str | None) -> None:
         )
     if activation is None:
         check_unit_interval(logits, "probabilities (activation=None)")
-    elif not _all_finite(logits):
+        return None
+    if logits.numel() == 0:
+        return 0.0, 0.0
+    # NaN propagates through aminmax, and an infinite value is the minimum or the maximum
+    low, high = torch.stack(torch.aminmax(logits.detach())).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"logits of shape {tuple(logits.shape)} contain NaN or Inf")
-
-
-def _all_finite(values: torch.Tensor) -> bool:
-    """True when no entry is NaN or +-Inf."""
-    values = values.detach()
-    # A NaN or Inf anywhere makes the sum non-finite; one reduction is far cheaper than isfinite().all(),
-    # which only runs when the sum is not finite (then possibly from overflow of huge but finite values).
-    total = values.sum(dtype=torch.float64 if values.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(values).all())
+    return low, high
 
 
 def check_unit_interval(values: torch.Tensor, what: str) -> None:

@@ -17,6 +17,7 @@ from medjdt.losses.cardinalities import (
     target_max,
 )
 from medjdt.losses.distributed import all_reduce_max, all_reduce_sum
+from medjdt.losses.fused import fused_sums
 from medjdt.losses.reduction import class_mean, dataset_mean, image_mean, parse_reduction, tversky_loss
 
 __all__ = ["DiceSemimetricLoss", "JDTLoss", "JaccardMetricLoss", "activate", "jdt_loss"]
@@ -100,6 +101,11 @@ class JDTLoss(nn.Module):
         activation: ``"softmax"`` (multi-class), ``"sigmoid"`` (multi-label, or binary with one channel), or
             None when the input already holds probabilities in [0, 1].
         sync_ranks: sum the dataset cardinalities over ranks under ``torch.distributed``.
+        fused: compute the cardinalities with the fused path of :mod:`medjdt.losses.fused` (default): the
+            activation runs inside one autograd function that walks over the voxels in chunks and recomputes the
+            probabilities in backward, so no voxel-sized temporary besides the gradient is kept. False selects the
+            plain-torch reference path (activation, then :func:`soft_cardinalities` / :func:`hard_cardinalities`);
+            the two agree to float rounding, also in their gradients.
 
     Inputs of :meth:`forward`:
         logits: ``(B, C, *spatial)`` floating, 2 or 3 spatial dims (probabilities if ``activation=None``).
@@ -135,6 +141,7 @@ class JDTLoss(nn.Module):
         include_background: bool = True,
         activation: str | None = "softmax",
         sync_ranks: bool = True,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.alpha = _check_number("alpha", alpha, 0.0)
@@ -159,6 +166,7 @@ class JDTLoss(nn.Module):
         check_activation(activation)
         self.activation = activation
         self.sync_ranks = bool(sync_ranks)
+        self.fused = bool(fused)
         weights = None
         if class_weights is not None:
             weights = torch.as_tensor(class_weights, dtype=torch.float32)
@@ -170,7 +178,7 @@ class JDTLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Loss of ``logits`` ``(B, C, *spatial)`` against ``target`` (see the class docstring) -> scalar."""
-        check_logits(logits, self.activation)
+        logit_range = check_logits(logits, self.activation)
         prepared = prepare_target(logits, target, mask, self.ignore_index)
         channels = logits.shape[1]
         if self.class_weights is not None and self.class_weights.numel() != channels:
@@ -180,15 +188,20 @@ class JDTLoss(nn.Module):
         if not self.include_background and channels < 2:
             raise ValueError(f"include_background=False needs at least 2 channels, got logits {tuple(logits.shape)}")
 
-        probs = activate(logits, self.activation)
-        present = None
-        if prepared.labels is not None:
-            tp, fp, fn, count = _hard_cardinalities(probs, prepared.labels, prepared.mask, self.p)
-            if self.active_classes == "present":
-                present = (count > 0).to(tp.dtype)  # the largest one-hot value: 1 where the class occurs
+        if self.fused:
+            tp, fp, fn, count = fused_sums(logits, prepared, self.activation, self.p, self.variant, logit_range)
         else:
-            tp, fp, fn = _soft_cardinalities(probs, prepared.soft, prepared.mask, self.p, self.variant)
-            if self.active_classes == "present":
+            probs = activate(logits, self.activation)
+            if prepared.labels is not None:
+                tp, fp, fn, count = _hard_cardinalities(probs, prepared.labels, prepared.mask, self.p)
+            else:
+                tp, fp, fn = _soft_cardinalities(probs, prepared.soft, prepared.mask, self.p, self.variant)
+                count = None
+        present = None
+        if self.active_classes == "present":
+            if prepared.labels is not None:
+                present = (count > 0).to(tp.dtype)  # the largest one-hot value: 1 where the class occurs
+            else:
                 present = target_max(prepared.soft, prepared.mask)
         return self._reduce(tp, fp, fn, present)
 

@@ -5,6 +5,9 @@ Functional forms (per image and class, on tensors): :func:`dice`, :func:`iou`, :
 :func:`reliability_bins`. Streaming ``torchmetrics`` objects that accumulate over chunks, cases and DDP ranks:
 :class:`CalibrationMetrics` and :class:`OverlapMetrics`.
 
+The streaming objects sum each batch in one pass over the voxels (:func:`medjdt.metrics.fused.voxel_sums`); the
+functional forms compute one metric at a time and serve as its reference.
+
 Shapes: probabilities ``(B, C, *spatial)`` with 2 or 3 spatial dims; references hard ``(B, *spatial)`` integer
 labels or soft ``(B, C, *spatial)`` class distributions; optional ``mask`` ``(B, *spatial)`` bool.
 """

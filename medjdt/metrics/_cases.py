@@ -26,6 +26,9 @@ def encode_case_ids(case_ids: Sequence[str], device: torch.device) -> Tensor:
         if 0 in data:
             raise ValueError(f"case id {case_id!r} contains a NUL character.")
         rows[i, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if device.type == "cuda":
+        # from pinned memory the copy is queued without waiting for the device (no host synchronisation)
+        return rows.pin_memory().to(device, non_blocking=True)
     return rows.to(device)
 
 

@@ -1,7 +1,9 @@
 """Input validation shared by every metric in :mod:`medjdt.metrics`.
 
 All checks run on the whole tensor with one host synchronisation in the common (valid) case; the slower
-per-image diagnosis only runs when a check fails, to name the offending images in the error message.
+per-image diagnosis only runs when a check fails, to name the offending images in the error message. With
+``defer=True`` the value checks are returned as a :class:`DeferredCheck` instead (per-image statistics left on
+the device), so that a streaming metric on an accelerator can check many batches with one synchronisation.
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ def prepare_inputs(
     *,
     simplex: bool,
     case_ids: Sequence[str] | None = None,
-) -> MetricInputs:
+    defer: bool = False,
+) -> MetricInputs | tuple[MetricInputs, DeferredCheck]:
     """Validate metric inputs and flatten their spatial dimensions.
 
     Args:
@@ -128,9 +131,13 @@ def prepare_inputs(
         simplex: also require ``probs`` to sum to 1 over the class dimension (needed by top-label calibration,
             Brier score and NLL).
         case_ids: names of the B images, only used to name the offending images in error messages.
+        defer: check types, shapes and devices now but leave the value checks (NaN, range, sums, labels) to the
+            returned :class:`DeferredCheck`: nothing is read back to the host, so on an accelerator the call
+            does not wait for the device. Invalid values then reach the metric code unchecked.
 
     Returns:
-        :class:`MetricInputs`. Half-precision inputs are promoted to float32 so bin edges and sums are exact.
+        :class:`MetricInputs`, and with ``defer`` also the :class:`DeferredCheck`. Half-precision inputs are
+        promoted to float32 so bin edges and sums are exact.
 
     Raises:
         ValueError: naming the problem (type, dtype, shape, NaN, range, sum, labels) and the offending images.
@@ -201,6 +208,18 @@ def prepare_inputs(
         else:
             flat_target = torch.where(flat_mask, flat_target, 0)
 
+    inputs = MetricInputs(probs=flat_probs, target=flat_target, mask=flat_mask, soft=soft)
+    if defer:
+        pending = DeferredCheck(
+            stats=_image_stats(inputs, simplex),
+            soft=soft,
+            simplex=simplex,
+            probs_dtype=probs.dtype,
+            target_dtype=target.dtype,
+            case_ids=None if case_ids is None else list(case_ids),
+        )
+        return inputs, pending
+
     # All statistics in one tensor: a single host synchronisation when the inputs are valid.
     stats = _distribution_stats(flat_probs, simplex)
     stats += _distribution_stats(flat_target, True) if soft else list(torch.aminmax(flat_target))
@@ -226,7 +245,86 @@ def prepare_inputs(
                 f"target labels must be in [0, {num_classes - 1}] for {num_classes} classes, got labels in "
                 f"[{lo}, {hi}] in {describe_images(bad, case_ids)}."
             )
-    return MetricInputs(probs=flat_probs, target=flat_target, mask=flat_mask, soft=soft)
+    return inputs
+
+
+def _image_stats(inputs: MetricInputs, simplex: bool) -> Tensor:
+    """Per-image value statistics ``(B, k)`` float64, on the inputs' device (not read here).
+
+    Columns: min and max of probs, then (``simplex``) min and max of their class sums, then min and max of the
+    target and (soft) of its class sums.
+    """
+    batch = inputs.probs.shape[0]
+    columns = list(torch.aminmax(inputs.probs.reshape(batch, -1), dim=1))
+    if simplex:
+        columns += list(torch.aminmax(inputs.probs.sum(1), dim=1))
+    columns += list(torch.aminmax(inputs.target.reshape(batch, -1), dim=1))
+    if inputs.soft:
+        columns += list(torch.aminmax(inputs.target.sum(1), dim=1))
+    return torch.stack([c.double() for c in columns], dim=1)
+
+
+@dataclass(frozen=True)
+class DeferredCheck:
+    """Value checks of one batch whose statistics stay on the device until :meth:`check` reads them.
+
+    On an accelerator, reading values on the host waits for the device; a streaming metric collects these and
+    checks them all at once before it computes (one synchronisation for many batches).
+    """
+
+    stats: Tensor
+    soft: bool
+    simplex: bool
+    probs_dtype: torch.dtype
+    target_dtype: torch.dtype
+    case_ids: list[str] | None
+
+    def check(self, num_classes: int) -> None:
+        """Raise ``ValueError`` as :func:`prepare_inputs` would, naming the offending images."""
+        check_image_stats(self.stats.tolist(), self, num_classes)
+
+
+def check_image_stats(rows: list[list[float]], check: DeferredCheck, num_classes: int) -> None:
+    """Raise for the first problem found in per-image stats (see :func:`_image_stats`), naming every image with it."""
+    ids = check.case_ids
+    n_probs = 4 if check.simplex else 2
+    probs_rows = [row[:n_probs] for row in rows]
+    _raise_for_image_values(probs_rows, "probs", check.simplex, check.probs_dtype, ids)
+    target_rows = [row[n_probs:] for row in rows]
+    if check.soft:
+        _raise_for_image_values(target_rows, "target (soft reference)", True, check.target_dtype, ids)
+        return
+    bad = [i for i, (lo, hi) in enumerate(target_rows) if lo < 0 or hi >= num_classes]
+    if bad:
+        lo, hi = int(min(target_rows[i][0] for i in bad)), int(max(target_rows[i][1] for i in bad))
+        raise ValueError(
+            f"target labels must be in [0, {num_classes - 1}] for {num_classes} classes, got labels in "
+            f"[{lo}, {hi}] in {describe_images(bad, ids)}."
+        )
+
+
+def _raise_for_image_values(rows, name, simplex, input_dtype, case_ids) -> None:
+    """Per-image version of :func:`_raise_for_distribution` (same messages)."""
+    bad = [i for i, row in enumerate(rows) if any(v != v for v in row)]  # NaN propagates through aminmax
+    if bad:
+        raise ValueError(f"{name} contains NaN in {describe_images(bad, case_ids)}.")
+    bad = [i for i, row in enumerate(rows) if row[0] < 0 or row[1] > 1]
+    if bad:
+        lo, hi = min(rows[i][0] for i in bad), max(rows[i][1] for i in bad)
+        raise ValueError(
+            f"{name} must be probabilities in [0, 1], got values in [{lo:.6g}, {hi:.6g}] in "
+            f"{describe_images(bad, case_ids)}."
+        )
+    if simplex:
+        tol = _sum_tolerance(input_dtype)
+        deviations = [max(1 - row[2], row[3] - 1) for row in rows]
+        bad = [i for i, deviation in enumerate(deviations) if deviation > tol]
+        if bad:
+            raise ValueError(
+                f"{name} must sum to 1 over the class dimension (dim 1): largest deviation "
+                f"{max(deviations[i] for i in bad):.6g} exceeds {tol:.3g} in {describe_images(bad, case_ids)}. "
+                "Pass softmax probabilities, not logits or per-class sigmoid outputs."
+            )
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:

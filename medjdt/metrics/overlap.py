@@ -143,6 +143,15 @@ def threshold_counts(inputs: MetricInputs, thresholds: Sequence[float]) -> tuple
         keys.scatter_add_(1, inputs.target[:, None], label_level.expand(keys.shape[0], 1, keys.shape[2]))
     valid = None if inputs.mask is None else inputs.mask[:, None]
     hist = grouped_sums(keys, levels * levels, valid=valid)[0].unflatten(-1, (levels, levels))
+    return threshold_counts_from_histogram(hist)
+
+
+def threshold_counts_from_histogram(hist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The three counts of :func:`threshold_counts` from the joint level histogram ``(..., T + 1, T + 1)``.
+
+    ``hist[..., i, j]`` counts the voxels with i thresholds below x and j thresholds below y.
+    """
+    levels = hist.shape[-1]
     # tail[i, j] = number of voxels with pred level >= i and ref level >= j
     tail = hist.flip(-2, -1).cumsum(-2).cumsum(-1).flip(-2, -1)
     above = torch.arange(1, levels, device=hist.device)

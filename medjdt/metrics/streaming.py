@@ -12,6 +12,12 @@ Both classes keep two kinds of state, all float64 sums:
 ``(B, *spatial)`` or a soft reference ``(B, C, *spatial)``; ``case_ids`` names the case of each image (default:
 every image is its own case).
 
+Every batch is summed in one pass over its voxels (:func:`medjdt.metrics.fused.voxel_sums`). On CPU tensors the
+input values are checked inside ``update`` (a ``ValueError`` names the offending cases); on accelerators the
+value checks are deferred, so that ``update`` never waits for the device: their per-image statistics stay on the
+device and are read, all at once, before ``compute``, ``per_case`` or ``reliability`` return anything (or when
+``reset`` clears the state), which then raise the same ``ValueError``.
+
 Duplicated samples: every voxel update is counted, so a case fed twice (e.g. a ``DistributedSampler`` padding
 the last batch) is counted twice in the pooled values; use a sampler that does not repeat samples for evaluation.
 """
@@ -29,22 +35,22 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from medjdt.metrics._cases import CASE_ID_BYTES, cat_state, decode_case_ids, encode_case_ids, merge_rows
-from medjdt.metrics._checks import MetricInputs, check_choice, check_n_bins, check_thresholds, prepare_inputs
-from medjdt.metrics.calibration import (
-    NORMS,
-    calibration_error_from_sums,
-    classwise_bin_sums,
-    nll_sums,
-    reliability_from_sums,
-    squared_error_sums,
-    top_label_bin_sums,
+from medjdt.metrics._checks import (
+    DeferredCheck,
+    MetricInputs,
+    check_choice,
+    check_image_stats,
+    check_n_bins,
+    check_thresholds,
+    prepare_inputs,
 )
+from medjdt.metrics.calibration import NORMS, calibration_error_from_sums, reliability_from_sums
+from medjdt.metrics.fused import VoxelSums, voxel_sums
 from medjdt.metrics.overlap import (
     EMPTY_RULES,
     QUBIQ_THRESHOLDS,
     dice_from_sums,
     iou_from_sums,
-    overlap_sums,
     soft_dice_from_sums,
     thresholded_dice_from_sums,
 )
@@ -91,6 +97,8 @@ class _PerCaseMetric(Metric):
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
+    # Devices whose inputs are value-checked inside update(); elsewhere the checks run before the results.
+    _CHECK_NOW_DEVICES = ("cpu",)
 
     def __init__(self, num_classes: int, class_names: Sequence[str] | None, n_stats: int, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -102,6 +110,7 @@ class _PerCaseMetric(Metric):
         self.add_state("case_stats", default=[], dist_reduce_fx="cat")
         self._n_auto_ids = 0
         self._merged_rows = 0
+        self._pending_checks: list[DeferredCheck] = []
         self._seed_case_rows()
 
     def _seed_case_rows(self) -> None:
@@ -110,11 +119,35 @@ class _PerCaseMetric(Metric):
         self.case_stats.append(torch.zeros(0, self._n_stats, dtype=torch.float64, device=self.device))
 
     def reset(self) -> None:
-        """Clear all accumulated sums and cases."""
+        """Clear all accumulated sums and cases.
+
+        Raises:
+            ValueError: after clearing, if a batch since the last check held invalid values (deferred checks).
+        """
+        pending, self._pending_checks = self._pending_checks, []
         super().reset()
         self._n_auto_ids = 0
         self._merged_rows = 0
         self._seed_case_rows()
+        self._run_checks(pending)
+
+    def _check_pending(self) -> None:
+        """Run the deferred value checks of the updates so far (one host synchronisation for all of them).
+
+        A failed check stays pending, so every later result raises too until :meth:`reset`.
+        """
+        self._run_checks(self._pending_checks)
+        self._pending_checks = []
+
+    def _run_checks(self, pending: list[DeferredCheck]) -> None:
+        if not pending:
+            return
+        rows = torch.cat([check.stats for check in pending]).tolist()
+        start = 0
+        for check in pending:
+            n = check.stats.shape[0]
+            check_image_stats(rows[start : start + n], check, self.num_classes)
+            start += n
 
     def _auto_case_ids(self, batch: int) -> list[str]:
         suffix = ""
@@ -124,15 +157,26 @@ class _PerCaseMetric(Metric):
         self._n_auto_ids += batch
         return ids
 
-    def _prepare(self, probs, target, case_ids, mask, *, simplex: bool) -> tuple[MetricInputs, list[str]]:
-        inputs = prepare_inputs(probs, target, mask, simplex=simplex, case_ids=case_ids)
+    def _prepare(self, probs, target, case_ids, mask, *, simplex: bool) -> tuple[MetricInputs, list[str], bool]:
+        """Validated inputs, case ids and whether the value checks were deferred.
+
+        Off the devices in ``_CHECK_NOW_DEVICES`` the value checks are deferred (see :meth:`_check_pending`):
+        reading them back now would wait for the device on every batch.
+        """
+        defer = isinstance(probs, Tensor) and probs.device.type not in self._CHECK_NOW_DEVICES
+        prepared = prepare_inputs(probs, target, mask, simplex=simplex, case_ids=case_ids, defer=defer)
+        if defer:
+            inputs, pending = prepared
+            self._pending_checks.append(pending)
+        else:
+            inputs = prepared
         if inputs.num_classes != self.num_classes:
             raise ValueError(
                 f"probs has {inputs.num_classes} classes (dim 1 of shape {tuple(probs.shape)}) but the metric was "
                 f"built for num_classes={self.num_classes}."
             )
         ids = list(case_ids) if case_ids is not None else self._auto_case_ids(inputs.probs.shape[0])
-        return inputs, ids
+        return inputs, ids, defer
 
     def _add_rows(self, case_ids: list[str], stats: Tensor) -> None:
         """Add per-image stats ``(B, S)`` to the pooled totals and to the rows of their cases."""
@@ -167,6 +211,7 @@ class _PerCaseMetric(Metric):
 
         The states are gathered over DDP ranks first, so every rank returns the whole table.
         """
+        self._check_pending()
         with self._synced():
             case_ids, stats = self._cases()
         columns = {name: values.cpu().numpy() for name, values in self._case_columns(stats).items()}
@@ -231,18 +276,22 @@ class CalibrationMetrics(_PerCaseMetric):
         self, probs: Tensor, target: Tensor, case_ids: Sequence[str] | None = None, mask: Tensor | None = None
     ) -> None:
         """Accumulate one batch or one chunk of cases (shapes in the class docstring)."""
-        inputs, ids = self._prepare(probs, target, case_ids, mask, simplex=True)
-        batch = inputs.probs.shape[0]
-        stats = torch.cat(
+        inputs, ids, unchecked = self._prepare(probs, target, case_ids, mask, simplex=True)
+        sums = voxel_sums(inputs, n_bins=self.n_bins, eps=self.eps, unchecked=unchecked)
+        self._add_rows(ids, self._stats(sums))
+
+    def _stats(self, sums: VoxelSums) -> Tensor:
+        """Per-image stats rows ``(B, S)`` in the layout of ``_split``."""
+        batch = sums.squared_error.shape[0]
+        return torch.cat(
             [
-                top_label_bin_sums(inputs, self.n_bins).transpose(0, 1).reshape(batch, -1),
-                classwise_bin_sums(inputs, self.n_bins).transpose(0, 1).reshape(batch, -1),
-                squared_error_sums(inputs)[:, None],
-                nll_sums(inputs, self.eps)[:, None],
+                sums.top_label.transpose(0, 1).reshape(batch, -1),
+                sums.classwise.transpose(0, 1).reshape(batch, -1),
+                sums.squared_error[:, None],
+                sums.nll[:, None],
             ],
             dim=1,
         )
-        self._add_rows(ids, stats)
 
     def _split(self, stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Stats ``(..., S)`` to top bins ``(3, ..., M)``, classwise ``(3, ..., C', M)``, sq. error, NLL sums."""
@@ -269,6 +318,7 @@ class CalibrationMetrics(_PerCaseMetric):
 
     def compute(self) -> dict[str, Tensor]:
         """Pooled and per-case-mean calibration values (keys in the class docstring)."""
+        self._check_pending()
         pooled = self._metric_values(self.totals)
         _, stats = self._cases()
         cases = self._metric_values(stats)
@@ -311,6 +361,7 @@ class CalibrationMetrics(_PerCaseMetric):
             probability) and ``accuracy`` (mean reference probability); the means are NaN in empty bins.
         """
         check_choice("kind", kind, ("top_label", "classwise"))
+        self._check_pending()
         with self._synced():
             top, classwise, _, _ = self._split(self.totals.clone())
         bins = reliability_from_sums(top if kind == "top_label" else classwise)
@@ -388,13 +439,18 @@ class OverlapMetrics(_PerCaseMetric):
         self, probs: Tensor, target: Tensor, case_ids: Sequence[str] | None = None, mask: Tensor | None = None
     ) -> None:
         """Accumulate one batch or one chunk of cases (shapes in the class docstring)."""
-        inputs, ids = self._prepare(probs, target, case_ids, mask, simplex=False)
-        sums = overlap_sums(inputs, self.thresholds)
-        per_class = [sums.tp, sums.fp, sums.fn, sums.pred_mass, sums.ref_mass, sums.abs_diff]
+        inputs, ids, unchecked = self._prepare(probs, target, case_ids, mask, simplex=False)
+        sums = voxel_sums(inputs, overlap=True, thresholds=self.thresholds, unchecked=unchecked)
+        self._add_rows(ids, self._stats(sums))
+
+    def _stats(self, sums: VoxelSums) -> Tensor:
+        """Per-image stats rows ``(B, S)``: per class the layout described in ``__init__``."""
+        overlap = sums.overlap
+        per_class = [overlap.tp, overlap.fp, overlap.fn, overlap.pred_mass, overlap.ref_mass, overlap.abs_diff]
         stats = torch.cat(
-            [torch.stack(per_class, dim=-1), sums.thr_tp, sums.thr_pred, sums.thr_ref], dim=-1
+            [torch.stack(per_class, dim=-1), overlap.thr_tp, overlap.thr_pred, overlap.thr_ref], dim=-1
         )  # (B, C, per_class)
-        self._add_rows(ids, stats.flatten(1))
+        return stats.flatten(1)
 
     def _scores(self, stats: Tensor) -> dict[str, Tensor]:
         """Per-class scores ``(..., C')`` of every metric from stats ``(..., S)``."""
@@ -416,6 +472,7 @@ class OverlapMetrics(_PerCaseMetric):
 
     def compute(self) -> dict[str, Tensor]:
         """Dataset (D), image (I), class (C) and worst-case aggregates of every metric (keys in the docstring)."""
+        self._check_pending()
         pooled = self._scores(self.totals)
         _, stats = self._cases()
         cases = self._scores(stats)

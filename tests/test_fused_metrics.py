@@ -1,0 +1,221 @@
+"""The one-pass metric sums (medjdt.metrics.fused.voxel_sums) against the per-metric reference functions.
+
+The reference functions (medjdt.metrics.calibration / overlap) are themselves checked against MONAI,
+torchmetrics and scikit-learn in the other metric tests. Counts must agree exactly and sums to float rounding,
+for hard and soft references, masks, 2D and 3D, several bin and threshold settings, values on bin edges and
+thresholds, and many chunks with a ragged last one.
+"""
+
+import pytest
+import torch
+
+import medjdt.metrics.fused as fused
+from medjdt.metrics import QUBIQ_THRESHOLDS, CalibrationMetrics, OverlapMetrics
+from medjdt.metrics._checks import prepare_inputs
+from medjdt.metrics.calibration import classwise_bin_sums, nll_sums, squared_error_sums, top_label_bin_sums
+from medjdt.metrics.fused import voxel_sums
+from medjdt.metrics.overlap import overlap_sums
+
+
+@pytest.fixture(params=["one_chunk", "many_chunks"])
+def chunking(request, monkeypatch):
+    if request.param == "many_chunks":
+        monkeypatch.setitem(fused._CHUNK_ELEMENTS, "cpu", 100)  # not a divisor of the voxel counts below
+    return request.param
+
+
+def _inputs(spatial, soft, masked, channels=3, batch=2, dtype=torch.float32, seed=0, grid=None):
+    """Softmax probabilities; with ``grid`` they are rounded to multiples of 1/grid (bin edges, thresholds, 1.0)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, channels, *spatial)
+    probs = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).softmax(1)
+    if grid is not None:
+        # exact multiples of 1/grid that still sum to 1: round all but the last class, which takes the rest
+        rounded = (probs[:, :-1] * grid).floor() / grid
+        probs = torch.cat([rounded, 1 - rounded.sum(1, keepdim=True)], dim=1)
+    if soft:
+        target = torch.randn(shape, generator=generator, dtype=torch.float64).softmax(1)
+        if grid is not None:  # one-hot: reference values exactly 0 and 1, on the thresholds' boundaries
+            target = torch.nn.functional.one_hot(target.argmax(1), channels).movedim(-1, 1).double()
+        target = target.to(dtype)
+    else:
+        target = torch.randint(0, channels, (batch, *spatial), generator=generator)
+    mask = torch.rand((batch, *spatial), generator=generator) > 0.3 if masked else None
+    return prepare_inputs(probs.to(dtype), target, mask, simplex=True)
+
+
+def _assert_sums_close(actual, expected, dtype):
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+def _assert_matches_reference(inputs, n_bins=10, thresholds=QUBIQ_THRESHOLDS, eps=1e-7):
+    sums = voxel_sums(inputs, n_bins=n_bins, overlap=True, thresholds=thresholds, eps=eps)
+    dtype = inputs.probs.dtype
+    top, classwise = top_label_bin_sums(inputs, n_bins), classwise_bin_sums(inputs, n_bins)
+    # counts exactly, sums to rounding
+    torch.testing.assert_close(sums.top_label[0], top[0], rtol=0, atol=0)
+    torch.testing.assert_close(sums.classwise[0], classwise[0], rtol=0, atol=0)
+    if not inputs.soft:  # the accuracy of a hard reference is a count
+        torch.testing.assert_close(sums.top_label[2], top[2], rtol=0, atol=0)
+        torch.testing.assert_close(sums.classwise[2], classwise[2], rtol=0, atol=0)
+    _assert_sums_close(sums.top_label, top, dtype)
+    _assert_sums_close(sums.classwise, classwise, dtype)
+    _assert_sums_close(sums.squared_error, squared_error_sums(inputs), dtype)
+    _assert_sums_close(sums.nll, nll_sums(inputs, eps), dtype)
+    reference = overlap_sums(inputs, thresholds)
+    for name in ("tp", "fp", "fn", "thr_tp", "thr_pred", "thr_ref"):
+        torch.testing.assert_close(getattr(sums.overlap, name), getattr(reference, name), rtol=0, atol=0, msg=name)
+    if inputs.soft:
+        torch.testing.assert_close(sums.overlap.ref_mass, reference.ref_mass, rtol=1e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(sums.overlap.ref_mass, reference.ref_mass, rtol=0, atol=0)
+    for name in ("pred_mass", "abs_diff"):
+        _assert_sums_close(getattr(sums.overlap, name), getattr(reference, name), dtype)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+@pytest.mark.parametrize("spatial", [(13, 11), (7, 6, 5)], ids=["2d", "3d"])
+def test_equals_reference_functions(soft, masked, spatial, chunking):
+    _assert_matches_reference(_inputs(spatial, soft, masked))
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_values_on_bin_edges_thresholds_and_one(soft, chunking):
+    """Probabilities on multiples of 1/20: on the bin edges, on the thresholds and equal to 1.0."""
+    inputs = _inputs((9, 8, 7), soft, masked=True, grid=20, seed=1)
+    assert (inputs.probs == 1.0).any() and (inputs.probs == 0.5).any()
+    _assert_matches_reference(inputs)
+    _assert_matches_reference(inputs, n_bins=4, thresholds=(0.25, 0.5, 0.75))
+
+
+@pytest.mark.parametrize(
+    "channels,n_bins,thresholds",
+    [
+        (2, 1, (0.5,)),
+        (4, 7, (0.1, 0.35, 0.6)),
+        (3, 15, tuple(i / 21 for i in range(1, 21))),  # 21 levels: keys beyond the uint8 range
+    ],
+)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_other_settings(channels, n_bins, thresholds, soft, chunking):
+    inputs = _inputs((8, 7, 6), soft, masked=True, channels=channels, seed=2)
+    _assert_matches_reference(inputs, n_bins=n_bins, thresholds=thresholds, eps=1e-3)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_float64_inputs(soft, chunking):
+    _assert_matches_reference(_inputs((6, 5, 4), soft, masked=True, dtype=torch.float64, seed=3))
+
+
+def test_counts_without_bincount_as_on_accelerators(monkeypatch, chunking):
+    """Off the CPU the counts are float64 index_add_ sums (bincount would synchronise): same results."""
+    monkeypatch.setattr(fused, "_BINCOUNT_DEVICES", set())
+    _assert_matches_reference(_inputs((7, 6, 5), soft=False, masked=True, seed=4))
+    _assert_matches_reference(_inputs((7, 6, 5), soft=True, masked=False, seed=5))
+
+
+def test_parts_can_be_skipped():
+    inputs = _inputs((6, 5, 4), soft=False, masked=False)
+    calibration = voxel_sums(inputs, n_bins=10)
+    assert calibration.overlap is None
+    torch.testing.assert_close(calibration.classwise, classwise_bin_sums(inputs, 10))
+    overlap = voxel_sums(inputs, overlap=True)
+    assert overlap.top_label is None and overlap.nll is None and overlap.overlap.thr_tp.shape == (2, 3, 0)
+    torch.testing.assert_close(overlap.overlap.tp, overlap_sums(inputs).tp)
+
+
+def test_no_host_synchronisation(monkeypatch):
+    """Nothing in the pass reads a tensor value on the host (on an accelerator that would wait for the device)."""
+    inputs = _inputs((6, 5, 4), soft=True, masked=True)
+    voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS)  # fills the offsets cache
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation")
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(fused, "_BINCOUNT_DEVICES", set())
+    voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS)
+
+
+def _batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    probs = (3 * torch.randn(2, 3, 6, 5, 4, generator=generator)).softmax(1)
+    labels = torch.randint(0, 3, (2, 6, 5, 4), generator=generator)
+    return probs, labels
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """Streaming metrics check values as on an accelerator: before their results, not inside update()."""
+    monkeypatch.setattr(CalibrationMetrics, "_CHECK_NOW_DEVICES", ())
+    monkeypatch.setattr(OverlapMetrics, "_CHECK_NOW_DEVICES", ())
+
+
+@pytest.mark.parametrize("cls", [CalibrationMetrics, OverlapMetrics])
+def test_deferred_checks_give_the_same_results(cls, monkeypatch):
+    probs, labels = _batch()
+    immediate = cls(num_classes=3)
+    immediate.update(probs, labels, ["a", "b"])
+    monkeypatch.setattr(cls, "_CHECK_NOW_DEVICES", ())
+    later = cls(num_classes=3)
+    later.update(probs, labels, ["a", "b"])
+    assert later._pending_checks
+    expected, actual = immediate.compute(), later.compute()
+    assert not later._pending_checks
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, equal_nan=True, msg=key)
+
+
+@pytest.mark.parametrize("cls", [CalibrationMetrics, OverlapMetrics])
+def test_deferred_checks_report_bad_values_before_any_result(cls, deferred):
+    probs, labels = _batch()
+    metric = cls(num_classes=3)
+    bad = probs.clone()
+    bad[1, 0, 0, 0, 0] = float("nan")
+    metric.update(probs, labels, ["good", "also_good"])
+    metric.update(bad, labels, ["kidney_03", "kidney_07"])  # no error yet, and no crash in the binning
+    for result in (metric.compute, metric.per_case):
+        with pytest.raises(ValueError, match=r"probs contains NaN in image\(s\) 1 \(case 'kidney_07'\)"):
+            result()
+    with pytest.raises(ValueError, match="NaN"):  # reset clears the state, then reports the pending problem
+        metric.reset()
+    metric.update(probs, labels, ["a", "b"])
+    metric.compute()  # clean again
+
+
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda p, l: (p * 3, l), r"probs must be probabilities in \[0, 1\]"),
+        (lambda p, l: (p, l + 5), r"target labels must be in \[0, 2\] for 3 classes, got labels in \[5, 7\]"),
+        (lambda p, l: (p, l - 9), r"target labels must be in \[0, 2\]"),
+    ],
+)
+def test_deferred_checks_survive_out_of_range_values(corrupt, message, deferred):
+    probs, labels = _batch()
+    probs, labels = corrupt(probs, labels)
+    for metric in (CalibrationMetrics(num_classes=3), OverlapMetrics(num_classes=3)):
+        metric.update(probs, labels, ["a", "b"])
+        with pytest.raises(ValueError, match=message):
+            metric.compute()
+
+
+def test_deferred_update_does_not_synchronise(deferred, monkeypatch):
+    probs, labels = _batch()
+    calibration, overlap = CalibrationMetrics(num_classes=3), OverlapMetrics(num_classes=3)
+    calibration.update(probs, labels, ["a", "b"])  # fills the offsets cache
+    overlap.update(probs, labels, ["a", "b"])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation")
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(fused, "_BINCOUNT_DEVICES", set())
+    calibration.update(probs, labels, ["c", "d"])
+    overlap.update(probs, labels, ["c", "d"])
+    monkeypatch.undo()
+    assert len(calibration._pending_checks) == 2
