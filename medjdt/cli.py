@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from medjdt import __version__
 from medjdt.data.commands import COMMANDS as DATA_COMMANDS
+from medjdt.reporting.commands import COMMANDS as REPORTING_COMMANDS
 
 
 class Command(NamedTuple):
@@ -26,6 +27,7 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {}
 COMMANDS.update({name: Command(*spec) for name, spec in DATA_COMMANDS.items()})
+COMMANDS.update({name: Command(*spec) for name, spec in REPORTING_COMMANDS.items()})
 
 # Handled by LightningCLI (imported lazily: it pulls in torch, MONAI and Lightning).
 TRAINING_COMMANDS = {

@@ -1,0 +1,113 @@
+"""The ``medjdt fuse``, ``evaluate``, ``sweep`` and ``report`` subcommands (argparse), registered in :mod:`medjdt.cli`.
+
+:data:`COMMANDS` maps each name to ``(help, add_arguments, run)``. The heavy modules (torch, MONAI, matplotlib)
+are imported inside the ``run`` functions, so that ``medjdt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+FUSE_HELP = "fuse every case's raters into one target per case (NIfTI) and write an index CSV"
+EVALUATE_HELP = "metrics of saved probability maps against the raters, with the inter-rater baseline"
+SWEEP_HELP = "train one run per (fusion method, seed), sequentially; re-running skips finished runs and resumes"
+REPORT_HELP = "reliability diagrams per run and a comparison table of fusion methods across runs"
+METHODS = "mean, weighted, majority, random or staple"
+
+
+def add_fuse_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``medjdt fuse``."""
+    parser.add_argument("--manifest", required=True, help="dataset manifest CSV")
+    parser.add_argument("--method", required=True, help=f"fusion method: {METHODS}")
+    parser.add_argument("--out", required=True, help="output folder (the same settings as before, or new)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-rater draw (default 0)")
+
+
+def run_fuse(args: argparse.Namespace) -> int:
+    """Write the fused targets; print one line per case written and a summary."""
+    from medjdt.reporting.fused_targets import write_fused_targets
+
+    result = write_fused_targets(args.manifest, args.method, args.out, seed=args.seed, progress=print)
+    print(
+        f"{args.method} fusion: {result.written} case(s) written, {result.kept} already complete; index {result.index}"
+    )
+    return 0
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``medjdt evaluate``."""
+    parser.add_argument("--manifest", required=True, help="dataset manifest CSV")
+    parser.add_argument("--predictions", required=True, help="folder of <case_id>_probs.nii.gz (medjdt predict)")
+    parser.add_argument("--out", required=True, help="results CSV to write")
+    parser.add_argument("--folds", type=int, nargs="+", help="evaluate only these folds (default: every case)")
+    parser.add_argument("--ece-bins", type=int, default=15, help="confidence bins of the ECE (default 15)")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate, write the CSV atomically and print the mean of the main metrics per comparison."""
+    from medjdt.data.atomic import atomic_write
+    from medjdt.reporting.evaluate import evaluate_predictions
+
+    results = evaluate_predictions(args.manifest, args.predictions, folds=args.folds, n_bins=args.ece_bins)
+    atomic_write(args.out, lambda tmp: results.to_csv(tmp, index=False), suffix=".csv")
+    means = results.groupby(["predictor", "reference"])[["dice", "soft_dice", "ece", "brier"]].mean()
+    print(f"{results['case_id'].nunique()} case(s) -> {args.out}; means over cases (and raters):")
+    print(means.round(4).to_string())
+    return 0
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``medjdt sweep``; ``medjdt fit`` overrides follow ``--``."""
+    parser.epilog = "Pass further medjdt fit options after --, e.g.: -- --trainer.max_epochs 20 --data.fold 1"
+    parser.add_argument("--config", required=True, help="LightningCLI config of the experiment")
+    parser.add_argument("--fusion", required=True, nargs="+", help=f"fusion methods: {METHODS}")
+    parser.add_argument("--seeds", required=True, type=int, nargs="+", help="seeds")
+    parser.add_argument("--out", required=True, help="sweep folder; one run directory <fusion>-seed<seed> per run")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print one command per run (for a job scheduler) instead of running"
+    )
+    parser.add_argument("overrides", nargs="*", help="medjdt fit options, after --")
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """Run the sweep (or print its per-run commands); a failed run ends it with exit code 1."""
+    from medjdt.reporting.sweep import run_sweep, sweep_commands
+
+    if args.dry_run:
+        for command in sweep_commands(args.config, args.fusion, args.seeds, args.out, args.overrides):
+            print(command)
+        return 0
+    try:
+        run_sweep(args.config, args.fusion, args.seeds, args.out, args.overrides, progress=print)
+    except RuntimeError as err:
+        print(f"medjdt sweep: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``medjdt report``."""
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (medjdt fit or sweep)")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Write the report and print its Markdown table."""
+    from medjdt.reporting.report import write_report
+
+    files = write_report(args.runs, args.out)
+    print(files.markdown, end="")
+    print(
+        f"report in {args.out}: {files.summary_csv.name}, {files.summary_markdown.name}, "
+        f"{files.comparison_png.name}, {len(files.reliability_pngs)} reliability diagram(s)"
+    )
+    return 0
+
+
+COMMANDS = {
+    "fuse": (FUSE_HELP, add_fuse_arguments, run_fuse),
+    "evaluate": (EVALUATE_HELP, add_evaluate_arguments, run_evaluate),
+    "sweep": (SWEEP_HELP, add_sweep_arguments, run_sweep_command),
+    "report": (REPORT_HELP, add_report_arguments, run_report),
+}
