@@ -3,7 +3,10 @@
 Configs are plain LightningCLI YAML with ``model:``, ``data:`` and ``trainer:`` sections. Besides
 Lightning's own options this adds ``checkpoint.*`` (a ``ModelCheckpoint``: best by ``checkpoint.monitor``,
 default ``val/dice``, plus ``last``) and ``prediction_writer.output_dir`` (NIfTI outputs of ``predict``).
-``model.roi_size`` follows ``data.patch_size`` and ``model.class_names`` the manifest. Unless
+``model.roi_size`` follows ``data.patch_size`` and ``model.class_names`` the manifest. The model class is
+:class:`~medjdt.models.semi.SemiSupervisedModule`: a :class:`~medjdt.models.SegmentationModule` with the optional
+argument group ``model.semi`` (mean-teacher settings; unset, training is plain supervised), so ``model:``
+sections need no ``class_path``. Unless
 ``trainer.logger`` is set, runs log to ``runs/<config name>/version_N`` (CSV, and TensorBoard when installed),
 and ``--ckpt_path last`` resumes from the newest ``last.ckpt`` there (into a new version directory).
 """
@@ -20,7 +23,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from medjdt.data import SegmentationDataModule
-from medjdt.models import NiftiPredictionWriter, SegmentationModule
+from medjdt.models import NiftiPredictionWriter
+from medjdt.models.semi import SemiSupervisedModule
 
 TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -55,7 +59,7 @@ def _run_name(args: Sequence[str]) -> str:
 
 
 class MedjdtCLI(LightningCLI):
-    """LightningCLI over :class:`SegmentationModule` and :class:`SegmentationDataModule`."""
+    """LightningCLI over :class:`SemiSupervisedModule` and :class:`SegmentationDataModule`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -100,7 +104,7 @@ def run_training_cli(args: Sequence[str]) -> MedjdtCLI:
     name = _run_name(args)
     resolved = _resolve_last(list(args), name)
     return MedjdtCLI(
-        SegmentationModule,
+        SemiSupervisedModule,
         SegmentationDataModule,
         # From the console script the arguments are sys.argv itself; LightningCLI warns when given both.
         args=None if resolved == sys.argv[1:] else resolved,

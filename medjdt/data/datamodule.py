@@ -1,4 +1,9 @@
-"""``SegmentationDataModule``: multi-rater NIfTI datasets from a manifest, for PyTorch Lightning."""
+"""``SegmentationDataModule``: multi-rater NIfTI datasets from a manifest, for PyTorch Lightning.
+
+Manifests may hold unlabelled cases (see ``data_manifests/README.md``). With ``unlabelled_ratio > 0`` the
+training loader pairs every labelled batch with a batch of weak/strong views of unlabelled patches (for
+:class:`medjdt.models.semi.SemiSupervisedModule`); otherwise unlabelled cases are not trained on.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +16,18 @@ import nibabel as nib
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import DataLoader, Dataset, MetaTensor
 from monai.transforms import Compose, apply_transform
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.utilities import CombinedLoader
+from torch.utils.data import RandomSampler, Sampler
 
-from medjdt.data.cache import PreprocessedCases
-from medjdt.data.manifest import CaseRecord, Manifest, read_manifest
+from medjdt.data.cache import CaseCache, PreprocessedCases, from_payload, to_payload
+from medjdt.data.io import read_image
+from medjdt.data.manifest import CaseRecord, Manifest, read_manifest, write_partly_labelled
 from medjdt.data.phantoms import make_phantom_dataset
-from medjdt.data.preprocess import PreprocessSettings
-from medjdt.data.transforms import eval_transform, train_transform
+from medjdt.data.preprocess import PreprocessSettings, preprocess_case
+from medjdt.data.transforms import eval_transform, train_transform, unlabelled_transform
 from medjdt.labels import FUSION_METHODS
 
 SMOOTHING_MODES = ("uniform", "boundary")
@@ -41,6 +49,57 @@ class CaseDataset(Dataset):
 
     def _transform(self, index: int) -> Any:
         return apply_transform(self.transform, self.load(self.data[index]))
+
+
+class UnlabelledCases:
+    """Callable that turns an unlabelled :class:`CaseRecord` into a preprocessed image, through the disk cache.
+
+    The image goes through the same preprocessing as labelled cases (:func:`preprocess_case`). Returns
+    ``{"image": MetaTensor (K, *spatial) float32, "case_id": str}`` with the same meta as
+    :func:`medjdt.data.cache.from_payload` (so predictions map back to the stored grid).
+
+    Args:
+        spatial_dims: 2 or 3.
+        settings: the preprocessing settings.
+        cache_dir: cache root, or ``None`` to preprocess on every call.
+    """
+
+    def __init__(self, spatial_dims: int, settings: PreprocessSettings, cache_dir: str | os.PathLike | None):
+        settings.check_dims(spatial_dims)
+        self.spatial_dims = spatial_dims
+        self.settings = settings
+        key = {**settings.key(), "spatial_dims": spatial_dims, "cache_format": 1, "content": "unlabelled image"}
+        self.cache = CaseCache(cache_dir, key) if cache_dir is not None else None
+
+    def __call__(self, record: CaseRecord) -> dict[str, Any]:
+        """Load and preprocess the image of ``record`` (which must have no annotation), or read it from the cache."""
+        if record.labelled:
+            raise ValueError(f"case {record.case_id!r} is labelled; load it with PreprocessedCases")
+        payload = self.cache.read(record) if self.cache is not None else None
+        if payload is None:
+            image = read_image(record.image, case_id=record.case_id, spatial_dims=self.spatial_dims)
+            # preprocess_case moves an image and its rater masks together; an all-background placeholder mask
+            # runs that same chain and is dropped afterwards, leaving zero raters.
+            placeholder = MetaTensor(torch.zeros((1, *image.shape[1:]), dtype=torch.uint8), affine=image.affine)
+            case = {"image": image, "raters": placeholder, "case_id": record.case_id, "rater_names": []}
+            case = preprocess_case(case, self.settings, self.spatial_dims)
+            case["raters"] = torch.zeros((0, *case["image"].shape[1:]), dtype=torch.uint8)
+            payload = to_payload(case)
+            if self.cache is not None:
+                self.cache.write(record, payload)
+        case = from_payload(payload)
+        return {"image": case["image"], "case_id": case["case_id"]}
+
+
+class CaseLoader:
+    """Callable ``CaseRecord -> dict``: labelled cases through ``labelled``, unlabelled ones through ``unlabelled``."""
+
+    def __init__(self, labelled: PreprocessedCases, unlabelled: UnlabelledCases):
+        self.labelled = labelled
+        self.unlabelled = unlabelled
+
+    def __call__(self, record: CaseRecord) -> dict[str, Any]:
+        return self.labelled(record) if record.labelled else self.unlabelled(record)
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -69,10 +128,26 @@ class SegmentationDataModule(pl.LightningDataModule):
         seed: seeds patch sampling, augmentation, random-rater fusion and shuffling.
         demo: when given and ``manifest`` does not exist, ``make_phantom_dataset(dirname(manifest), **demo)``
             writes it first (``manifest`` must then be named ``manifest.csv``; ``folds`` defaults to
-            ``num_folds``).
-        predict_on: cases for ``predict_dataloader``: the validation fold (``"val"``) or every case (``"all"``).
+            ``num_folds``). With an extra key ``labelled_fraction`` the phantoms' ``manifest.csv`` (written if
+            missing) is copied to ``manifest`` (then not named ``manifest.csv``) by
+            :func:`~medjdt.data.manifest.write_partly_labelled`: only that fraction of the training cases
+            (the folds other than ``fold``) keep their annotations, chosen with the phantoms' ``demo.seed``.
+        predict_on: cases for ``predict_dataloader``: the validation fold (``"val"``) or every case (``"all"``),
+            unlabelled cases included.
+        unlabelled_ratio: unlabelled volumes per labelled volume in each training step; 0 (default) trains on
+            the labelled cases only. When > 0, ``round(unlabelled_ratio * batch_size)`` (>= 1) unlabelled
+            volumes from the training folds, each giving ``samples_per_volume`` patches, accompany every
+            labelled batch.
 
-    Batches: train ``{"image": (B, K, *patch) float32, "label": (B, C, *patch) float32}``; val/test
+    Labelled and unlabelled cases: training (labelled part) and validation/test use the labelled cases of
+    their folds; the unlabelled part of training uses the unlabelled cases of the training folds. Unlabelled
+    cases in the validation fold are held out like the rest of that fold (they cannot be scored); prediction
+    includes them.
+
+    Batches: train ``{"image": (B, K, *patch) float32, "label": (B, C, *patch) float32}``, or with
+    ``unlabelled_ratio > 0`` ``{"labelled": <that dict>, "unlabelled": {"weak": (U, K, *patch) float32,
+    "strong": (U, K, *patch) float32}}`` (see :func:`medjdt.data.transforms.unlabelled_transform`; ``U`` is
+    the unlabelled volumes times ``samples_per_volume``); val/test
     ``{"image": MetaTensor (1, K, *spatial), "raters": (1, R, *spatial) int64, "case_id": [str]}``; predict
     ``{"image": MetaTensor (1, K, *spatial), "case_id": [str]}``. ``K`` is ``in_channels`` (1 for CT), ``C``
     ``num_classes``; whole volumes are on the preprocessed grid, see
@@ -101,14 +176,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         seed: int = 0,
         demo: dict[str, Any] | None = None,
         predict_on: str = "val",
+        unlabelled_ratio: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
         manifest_path = Path(manifest)
         if demo is not None and not manifest_path.exists():
-            if manifest_path.name != "manifest.csv":
-                raise ValueError(f"with demo, the manifest must be named manifest.csv, got {manifest_path}")
-            make_phantom_dataset(manifest_path.parent, **{"folds": num_folds, **demo})
+            _write_demo(manifest_path, dict(demo), num_folds=num_folds, fold=fold)
         self.manifest: Manifest = read_manifest(manifest_path)
         self.fold = fold
         self.num_folds = num_folds
@@ -123,6 +197,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.predict_on = predict_on
+        self.unlabelled_ratio = float(unlabelled_ratio)
         self._check_args()
         self.settings = PreprocessSettings(
             orientation=orientation,
@@ -142,6 +217,12 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"manifest {m.path} is split into {m.num_folds} folds, but num_folds={self.num_folds}")
         if not 0 <= self.fold < self.num_folds:
             raise ValueError(f"fold index {self.fold} out of range 0..{self.num_folds - 1}")
+        kept = m.metadata.get("labelled_keep_folds") or []
+        if kept and self.fold not in kept:
+            raise ValueError(
+                f"manifest {m.path} hides annotations outside folds {kept} (write_partly_labelled), so validation "
+                f"fold {self.fold} is partly unlabelled; derive a manifest that keeps fold {self.fold} labelled"
+            )
         if self.fusion not in FUSION_METHODS:
             raise ValueError(f"fusion must be one of {list(FUSION_METHODS)}, got {self.fusion!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -157,6 +238,18 @@ class SegmentationDataModule(pl.LightningDataModule):
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.predict_on not in PREDICT_ON:
             raise ValueError(f"predict_on must be one of {PREDICT_ON}, got {self.predict_on!r}")
+        if not (np.isfinite(self.unlabelled_ratio) and self.unlabelled_ratio >= 0):
+            raise ValueError(f"unlabelled_ratio must be a finite number >= 0, got {self.unlabelled_ratio}")
+        if self.unlabelled_ratio > 0 and self.unlabelled_batch_size == 0:
+            raise ValueError(
+                f"unlabelled_ratio {self.unlabelled_ratio} x batch_size {self.batch_size} rounds to 0 unlabelled "
+                "volumes per step; use a larger ratio (or 0 to train on labelled cases only)"
+            )
+
+    @property
+    def unlabelled_batch_size(self) -> int:
+        """Unlabelled volumes per training step: ``round(unlabelled_ratio * batch_size)`` (0: none)."""
+        return round(self.unlabelled_ratio * self.batch_size)
 
     @property
     def num_classes(self) -> int:
@@ -178,16 +271,23 @@ class SegmentationDataModule(pl.LightningDataModule):
         """Image channels ``K`` (1 for CT)."""
         return self.manifest.in_channels
 
-    def _loader(self) -> PreprocessedCases:
-        return PreprocessedCases(self.num_classes, self.spatial_dims, self.settings, self.cache_dir)
+    def _loader(self) -> CaseLoader:
+        return CaseLoader(
+            PreprocessedCases(self.num_classes, self.spatial_dims, self.settings, self.cache_dir),
+            UnlabelledCases(self.spatial_dims, self.settings, self.cache_dir),
+        )
 
-    def _records(self, split: str) -> list[CaseRecord]:
+    def _records(self, split: str, labelled: bool | None = True) -> list[CaseRecord]:
+        """Cases of ``split`` (``train``, ``val`` or ``all`` folds): labelled, unlabelled or (None) both."""
         val_folds = [self.fold]
         train_folds = [f for f in range(self.num_folds) if f != self.fold]
         folds = {"train": train_folds, "val": val_folds, "all": None}[split]
-        records = self.manifest.cases(folds)
+        records = self.manifest.cases(folds, labelled=labelled)
         if not records:
-            raise ValueError(f"manifest {self.manifest.path}: no cases in {split} folds {folds}")
+            what = "unlabelled cases" if labelled is False else "cases"
+            if labelled and self.manifest.cases(folds):
+                what = "labelled cases (only unlabelled ones)"
+            raise ValueError(f"manifest {self.manifest.path}: no {what} in {split} folds {folds}")
         return records
 
     def setup(self, stage: str | None = None) -> None:
@@ -210,12 +310,24 @@ class SegmentationDataModule(pl.LightningDataModule):
             records = self._records("train")
             self._check_patch_fits(records)
             self.datasets["train"] = CaseDataset(records, load, transform)
+            if self.unlabelled_ratio > 0:
+                unlabelled = unlabelled_transform(
+                    spatial_dims=self.spatial_dims,
+                    patch_size=self.patch_size,
+                    samples_per_volume=self.samples_per_volume,
+                    augment=self.augment,
+                )
+                unlabelled.set_random_state(seed=self.seed + 1)
+                records = self._records("train", labelled=False)
+                self._check_patch_fits(records)
+                self.datasets["unlabelled"] = CaseDataset(records, load, unlabelled)
         if stage in (None, "fit", "validate"):
             self.datasets["val"] = CaseDataset(self._records("val"), load, eval_transform())
         if stage in (None, "test"):
             self.datasets["test"] = CaseDataset(self._records("val"), load, eval_transform())
         if stage in (None, "predict"):
-            self.datasets["predict"] = CaseDataset(self._records(self.predict_on), load, eval_transform(False))
+            records = self._records(self.predict_on, labelled=None)
+            self.datasets["predict"] = CaseDataset(records, load, eval_transform(False))
 
     def _check_patch_fits(self, records: Sequence[CaseRecord]) -> None:
         """Raise ``ValueError`` naming the case when the patch exceeds a volume on the preprocessed grid.
@@ -242,12 +354,12 @@ class SegmentationDataModule(pl.LightningDataModule):
                     "use a smaller data.patch_size or a finer data.spacing"
                 )
 
-    def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _dataloader(self, split: str, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"call setup() before requesting the {split} dataloader")
         workers = self.num_workers
-        sampler = None
-        if split != "train" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        evaluating = split not in ("train", "unlabelled")
+        if evaluating and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Lightning's default DistributedSampler pads the last round with repeated cases; per-case metrics
             # and CSVs must see every evaluation case exactly once.
             sampler = UnrepeatedDistributedSampler(self.datasets[split], shuffle=False)
@@ -262,9 +374,26 @@ class SegmentationDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training patches: ``batch_size`` volumes x ``samples_per_volume`` patches per batch."""
-        return self._dataloader("train", self.batch_size, shuffle=True)
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        """Shuffled training patches: ``batch_size`` volumes x ``samples_per_volume`` patches per batch.
+
+        With ``unlabelled_ratio > 0``: a ``CombinedLoader`` of ``{"labelled": ..., "unlabelled": ...}`` batches.
+        An epoch is one pass over the labelled cases; the unlabelled cases are drawn in shuffled passes (carried
+        over from epoch to epoch), exactly one unlabelled batch per labelled batch.
+        """
+        labelled = self._dataloader("train", self.batch_size, shuffle=True)
+        if self.unlabelled_ratio == 0:
+            return labelled
+        if "unlabelled" not in self.datasets:
+            raise ValueError("call setup() before requesting the unlabelled dataloader")
+        volumes = self.unlabelled_batch_size
+        sampler = RandomSampler(
+            self.datasets["unlabelled"],
+            num_samples=len(labelled) * volumes,
+            generator=torch.Generator().manual_seed(self.seed + 1),
+        )
+        unlabelled = self._dataloader("unlabelled", volumes, shuffle=False, sampler=sampler)
+        return CombinedLoader({"labelled": labelled, "unlabelled": unlabelled}, mode="min_size")
 
     def val_dataloader(self) -> DataLoader:
         """Whole validation volumes with every rater, batch size 1."""
@@ -277,6 +406,26 @@ class SegmentationDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Whole volumes (image and case id only), batch size 1."""
         return self._dataloader("predict", 1, shuffle=False)
+
+
+def _write_demo(manifest: Path, demo: dict[str, Any], *, num_folds: int, fold: int) -> None:
+    """Write the phantoms behind ``manifest`` (see the ``demo`` argument of :class:`SegmentationDataModule`)."""
+    fraction = demo.pop("labelled_fraction", None)
+    if fraction is None:
+        if manifest.name != "manifest.csv":
+            raise ValueError(f"with demo, the manifest must be named manifest.csv, got {manifest}")
+        make_phantom_dataset(manifest.parent, **{"folds": num_folds, **demo})
+        return
+    full = manifest.parent / "manifest.csv"
+    if manifest.name == "manifest.csv":
+        raise ValueError(
+            f"with demo.labelled_fraction, the manifest {manifest} must not be named manifest.csv: it is derived "
+            f"from the fully labelled {full}"
+        )
+    if not full.exists():
+        make_phantom_dataset(manifest.parent, **{"folds": num_folds, **demo})
+    # The phantoms' seed also picks the labelled cases: the demo dataset is a function of ``demo`` alone.
+    write_partly_labelled(full, manifest, float(fraction), keep_folds=[fold], seed=int(demo.get("seed", 0)))
 
 
 def default_cache_dir(manifest: str | os.PathLike) -> Path:

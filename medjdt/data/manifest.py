@@ -3,7 +3,8 @@
 The schema is documented in ``data_manifests/README.md``. In short, ``<name>.csv`` has the columns
 ``case_id, image, label, rater, fold`` (extra columns are kept), paths are relative to the CSV's folder
 or absolute, and ``<name>.json`` next to it holds ``num_classes``, ``class_names``, ``modality``,
-``spatial_dims`` and optionally ``in_channels``, ``num_folds`` and provenance fields.
+``spatial_dims`` and optionally ``in_channels``, ``num_folds`` and provenance fields. An unlabelled case
+(an image without annotation, for semi-supervised training) is one row whose ``label`` and ``rater`` are empty.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class CaseRecord:
     """One case of a manifest: its image, and one label source per rater (in manifest row order).
 
     ``labels[i]`` is the label map of rater ``raters[i]``: a NIfTI file, or for KiTS21/23 the case's
-    instance folder, from which the annotation numbered ``raters[i]`` is assembled.
+    instance folder, from which the annotation numbered ``raters[i]`` is assembled. An unlabelled case has
+    no labels and no raters.
     """
 
     case_id: str
@@ -38,6 +40,11 @@ class CaseRecord:
     labels: tuple[Path, ...]
     raters: tuple[str, ...]
     fold: int
+
+    @property
+    def labelled(self) -> bool:
+        """True when the case has at least one rater annotation."""
+        return bool(self.labels)
 
 
 @dataclass
@@ -54,23 +61,29 @@ class Manifest:
     num_folds: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def cases(self, folds: Iterable[int] | None = None) -> list[CaseRecord]:
-        """The cases (in order of first appearance), optionally only those whose fold is in ``folds``."""
+    def cases(self, folds: Iterable[int] | None = None, labelled: bool | None = None) -> list[CaseRecord]:
+        """The cases (in order of first appearance).
+
+        Args:
+            folds: only the cases whose fold is in ``folds`` (None: every fold).
+            labelled: only the labelled (True) or the unlabelled (False) cases; None: both.
+        """
         wanted = None if folds is None else {int(f) for f in folds}
         records = []
         for case_id, rows in self.frame.groupby("case_id", sort=False):
             fold = int(rows["fold"].iloc[0])
             if wanted is not None and fold not in wanted:
                 continue
-            records.append(
-                CaseRecord(
-                    case_id=str(case_id),
-                    image=Path(rows["image"].iloc[0]),
-                    labels=tuple(Path(p) for p in rows["label"]),
-                    raters=tuple(str(r) for r in rows["rater"]),
-                    fold=fold,
-                )
+            annotated = rows[rows["label"] != ""]
+            record = CaseRecord(
+                case_id=str(case_id),
+                image=Path(rows["image"].iloc[0]),
+                labels=tuple(Path(p) for p in annotated["label"]),
+                raters=tuple(str(r) for r in annotated["rater"]),
+                fold=fold,
             )
+            if labelled is None or record.labelled == labelled:
+                records.append(record)
         return records
 
     def check_files(self) -> None:
@@ -78,7 +91,7 @@ class Manifest:
         problems = []
         for col in ("image", "label"):
             for case_id, p in zip(self.frame["case_id"], self.frame[col]):
-                if not Path(p).exists():
+                if p != "" and not Path(p).exists():
                     problems.append(f"case {case_id!r}: {col} file {p} does not exist")
         if problems:
             shown = "; ".join(sorted(set(problems))[:10])
@@ -103,6 +116,43 @@ def assign_folds(case_ids: Sequence[str], folds: int, seed: int = 0) -> dict[str
         raise ValueError(f"cannot split {len(unique)} case(s) into {folds} folds")
     order = np.random.default_rng(seed).permutation(len(unique))
     return {unique[i]: pos % folds for pos, i in enumerate(order)}
+
+
+def hide_annotations(
+    manifest: Manifest, labelled_fraction: float, *, keep_folds: Iterable[int] = (), seed: int = 0
+) -> pd.DataFrame:
+    """Simulate a partly annotated dataset: the rows of ``manifest`` with most training cases made unlabelled.
+
+    Among the labelled cases whose fold is not in ``keep_folds`` (typically the validation fold), a seeded
+    random ``round(labelled_fraction * n)`` keep their annotation rows; every other one becomes a single
+    unlabelled row (same ``case_id``, ``image`` and ``fold``; empty ``label`` and ``rater``). Cases in
+    ``keep_folds`` and cases already unlabelled are unchanged. The result (absolute paths) can be written with
+    :func:`write_manifest`.
+
+    Raises ``ValueError`` when ``labelled_fraction`` is not in (0, 1] or would leave no labelled case outside
+    ``keep_folds``.
+    """
+    if not 0.0 < labelled_fraction <= 1.0:
+        raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
+    kept_folds = {int(f) for f in keep_folds}
+    eligible = sorted(r.case_id for r in manifest.cases(labelled=True) if r.fold not in kept_folds)
+    n_keep = round(labelled_fraction * len(eligible))
+    if n_keep == 0:
+        raise ValueError(
+            f"manifest {manifest.path}: labelled_fraction {labelled_fraction} of the {len(eligible)} labelled "
+            f"case(s) outside folds {sorted(kept_folds)} leaves none labelled"
+        )
+    order = np.random.default_rng(seed).permutation(len(eligible))
+    hidden = {eligible[i] for i in order[n_keep:]}
+    frame = manifest.frame
+    keep = ~frame["case_id"].isin(hidden)
+    unlabelled = frame[~keep].drop_duplicates("case_id").copy()
+    unlabelled[["label", "rater"]] = ""
+    out = pd.concat([frame[keep], unlabelled])
+    # Keep the manifest's case order (first appearance) and, within a case, its rater order.
+    position = {case_id: i for i, case_id in enumerate(frame["case_id"].drop_duplicates())}
+    out = out.assign(_case_pos=out["case_id"].map(position)).sort_values("_case_pos", kind="stable")
+    return out.drop(columns="_case_pos").reset_index(drop=True)
 
 
 def _check_metadata(meta: Mapping[str, Any], where: str) -> None:
@@ -138,11 +188,27 @@ def _check_frame(frame: pd.DataFrame, where: str, num_folds: int | None) -> pd.D
     if frame["case_id"].isna().any():
         raise ValueError(f"{where}: row(s) {list(np.flatnonzero(frame['case_id'].isna()) + 2)} have no case_id")
     frame["case_id"] = frame["case_id"].astype(str)
+    empty = {col: frame[col].isna() | (frame[col].astype(str).str.strip() == "") for col in ("image", "label", "rater")}
+    unlabelled = empty["label"] & empty["rater"]
     for col, what in (("image", "no image"), ("label", "no annotation"), ("rater", "no rater name")):
-        empty = frame[col].isna() | (frame[col].astype(str).str.strip() == "")
-        if empty.any():
-            cases = sorted(set(frame.loc[empty, "case_id"]))
-            raise ValueError(f"{where}: case(s) {cases} have {what} (empty '{col}')")
+        bad = empty[col] & ~unlabelled if col != "image" else empty[col]
+        if bad.any():
+            cases = sorted(set(frame.loc[bad, "case_id"]))
+            raise ValueError(
+                f"{where}: case(s) {cases} have {what} (empty '{col}'); an unlabelled case is a single row with "
+                "both 'label' and 'rater' empty"
+            )
+    rows_per_case = frame.groupby("case_id")["case_id"].transform("size")
+    mixed = unlabelled & (rows_per_case > 1)
+    if mixed.any():
+        cases = sorted(set(frame.loc[mixed, "case_id"]))
+        raise ValueError(
+            f"{where}: case(s) {cases} have a row without annotation (empty 'label' and 'rater') besides other "
+            "rows; an unlabelled case must be a single row"
+        )
+    for col in ("label", "rater"):
+        # object dtype first: an all-empty column is read as float NaN
+        frame[col] = frame[col].astype(object).where(~unlabelled, "")
     frame["rater"] = frame["rater"].astype(str)
     folds = pd.to_numeric(frame["fold"], errors="coerce")
     bad = folds.isna() | (folds != np.floor(folds))
@@ -194,7 +260,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise ValueError(f"manifest {path} cannot be parsed as CSV: {err}") from err
     frame = _check_frame(frame, f"manifest {path}", meta.get("num_folds"))
     for col in ("image", "label"):
-        frame[col] = [str(_absolute(p if os.path.isabs(p) else path.parent / p)) for p in frame[col]]
+        frame[col] = [p if p == "" else str(_absolute(p if os.path.isabs(p) else path.parent / p)) for p in frame[col]]
     return Manifest(
         frame=frame.reset_index(drop=True),
         num_classes=meta["num_classes"],
@@ -214,6 +280,8 @@ def _absolute(p: str | os.PathLike) -> Path:
 
 
 def _relative_if_inside(p: str | os.PathLike, folder: Path) -> str:
+    if p == "":
+        return p  # the empty label of an unlabelled case
     p = Path(p)
     if not p.is_absolute():
         return p.as_posix()
@@ -261,3 +329,38 @@ def write_manifest(
     atomic_write_text(metadata_path(path), json.dumps(meta, indent=2) + "\n")
     atomic_write(path, lambda tmp: frame[columns].to_csv(tmp, index=False))
     return path
+
+
+def write_partly_labelled(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    labelled_fraction: float,
+    *,
+    keep_folds: Iterable[int] = (),
+    seed: int = 0,
+) -> Path:
+    """Write manifest ``out`` (CSV and JSON): ``source`` with annotations hidden by :func:`hide_annotations`.
+
+    The metadata is the source's plus ``labelled_fraction``, ``labelled_seed``, ``labelled_keep_folds`` and
+    ``source_manifest``. ``out`` is written atomically, after its metadata; returns ``out``.
+    """
+    manifest = read_manifest(source)
+    frame = hide_annotations(manifest, labelled_fraction, keep_folds=keep_folds, seed=seed)
+    extra = {
+        **manifest.metadata,
+        "labelled_fraction": float(labelled_fraction),
+        "labelled_seed": int(seed),
+        "labelled_keep_folds": sorted(int(f) for f in keep_folds),
+        "source_manifest": str(manifest.path),
+    }
+    return write_manifest(
+        frame,
+        out,
+        num_classes=manifest.num_classes,
+        class_names=manifest.class_names,
+        modality=manifest.modality,
+        spatial_dims=manifest.spatial_dims,
+        in_channels=manifest.in_channels,
+        num_folds=manifest.num_folds,
+        extra_metadata=extra,
+    )

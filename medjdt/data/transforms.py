@@ -5,6 +5,12 @@ patches with a foreground/background ratio -> joint augmentation of image and ev
 small rotations/scales with nearest-neighbour masks, intensity scale/shift on the image) -> fusion
 (``FuseRatersd``) -> optional label smoothing. Fusion runs after augmentation, so ``random`` selection
 draws a new rater per patch and per epoch.
+
+Unlabelled cases (semi-supervised training): pad -> ``samples_per_volume`` random patches -> the same spatial
+augmentation as above (the *weak* view) -> a copy of the weak view gets intensity-only augmentation (Gaussian
+noise, Gaussian blur, contrast, intensity scale/shift: the *strong* view). Both views come from one spatially
+transformed patch, so they are aligned voxel for voxel: a teacher's prediction on the weak view is a target
+for the student on the strong view without any inverse transform.
 """
 
 from __future__ import annotations
@@ -18,14 +24,19 @@ from monai.config import KeysCollection
 from monai.transforms import (
     CastToTyped,
     Compose,
+    CopyItemsd,
     DeleteItemsd,
     EnsureTyped,
     MapTransform,
+    RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSpatialCropSamplesd,
     SelectItemsd,
     SpatialPadd,
 )
@@ -39,6 +50,14 @@ MAX_ROTATION_RAD = math.pi / 12
 MAX_SCALE = 0.1
 INTENSITY_SCALE = 0.1
 INTENSITY_SHIFT = 0.1
+# Strong view of unlabelled patches (intensities in CT window units of [0, 1], or z-scores): each operation
+# on half of the patches. Noise of 0.05 is about 25 HU in a 500 HU window.
+STRONG_PROB = 0.5
+STRONG_NOISE_STD = 0.05
+STRONG_BLUR_SIGMA = (0.5, 1.0)
+STRONG_GAMMA = (0.7, 1.5)
+STRONG_SCALE = 0.2
+STRONG_SHIFT = 0.1
 
 
 class RaterUniond(MapTransform):
@@ -55,9 +74,12 @@ class RaterUniond(MapTransform):
         return d
 
 
-def augmentations(spatial_dims: int) -> list[Any]:
-    """Joint spatial augmentation of ``image`` and ``raters`` plus intensity augmentation of ``image``."""
-    keys = ["image", "raters"]
+def spatial_augmentations(keys: Sequence[str], modes: Sequence[str], spatial_dims: int) -> list[Any]:
+    """Random flips on every axis and a random small rotation/scaling, applied identically to ``keys``.
+
+    ``modes`` is the interpolation of each key (``"bilinear"`` for images, ``"nearest"`` for label maps).
+    """
+    keys = list(keys)
     flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
     n_angles = 1 if spatial_dims == 2 else 3
     affine = RandAffined(
@@ -65,14 +87,32 @@ def augmentations(spatial_dims: int) -> list[Any]:
         prob=AFFINE_PROB,
         rotate_range=(MAX_ROTATION_RAD,) * n_angles,
         scale_range=(MAX_SCALE,) * spatial_dims,
-        mode=("bilinear", "nearest"),
-        padding_mode="border",  # the same for image and raters, so padded regions stay consistent pairs
+        mode=tuple(modes),
+        padding_mode="border",  # the same for every key, so padded regions stay consistent pairs
     )
+    return [*flips, affine]
+
+
+def augmentations(spatial_dims: int) -> list[Any]:
+    """Joint spatial augmentation of ``image`` and ``raters`` plus intensity augmentation of ``image``."""
     intensity = [
         RandScaleIntensityd(keys="image", factors=INTENSITY_SCALE, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=INTENSITY_SHIFT, prob=0.5),
     ]
-    return [*flips, affine, *intensity]
+    return [*spatial_augmentations(["image", "raters"], ["bilinear", "nearest"], spatial_dims), *intensity]
+
+
+def strong_augmentations(key: str) -> list[Any]:
+    """Intensity-only augmentation of ``key`` (no voxel moves): noise, blur, brightness, contrast, shift."""
+    return [
+        RandGaussianNoised(keys=key, prob=STRONG_PROB, std=STRONG_NOISE_STD),
+        RandGaussianSmoothd(
+            keys=key, prob=STRONG_PROB, sigma_x=STRONG_BLUR_SIGMA, sigma_y=STRONG_BLUR_SIGMA, sigma_z=STRONG_BLUR_SIGMA
+        ),
+        RandScaleIntensityd(keys=key, factors=STRONG_SCALE, prob=STRONG_PROB),
+        RandAdjustContrastd(keys=key, prob=STRONG_PROB, gamma=STRONG_GAMMA),
+        RandShiftIntensityd(keys=key, offsets=STRONG_SHIFT, prob=STRONG_PROB),
+    ]
 
 
 def train_transform(
@@ -116,6 +156,33 @@ def train_transform(
     steps += [
         SelectItemsd(keys=["image", "label"]),
         EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False),
+    ]
+    return Compose(steps)
+
+
+def unlabelled_transform(
+    *, spatial_dims: int, patch_size: Sequence[int], samples_per_volume: int, augment: bool
+) -> Compose:
+    """Chain from a preprocessed unlabelled case ``{"image": (K, *spatial), ...}`` to a list of
+    ``samples_per_volume`` dicts ``{"weak": (K, *patch) float32, "strong": (K, *patch) float32}``.
+
+    Patches are drawn uniformly (there is no foreground to centre on). ``weak`` is the patch after the shared
+    spatial augmentation (when ``augment``); ``strong`` is the same patch after :func:`strong_augmentations`,
+    so the two views are aligned voxel for voxel.
+    """
+    patch = tuple(int(p) for p in patch_size)
+    steps: list[Any] = [
+        EnsureTyped(keys="image", track_meta=False),
+        SpatialPadd(keys="image", spatial_size=patch, mode="constant"),
+        RandSpatialCropSamplesd(keys="image", roi_size=patch, num_samples=samples_per_volume, random_size=False),
+    ]
+    if augment:
+        steps += spatial_augmentations(["image"], ["bilinear"], spatial_dims)
+    steps += [
+        CopyItemsd(keys="image", times=2, names=["weak", "strong"]),
+        *strong_augmentations("strong"),
+        SelectItemsd(keys=["weak", "strong"]),
+        EnsureTyped(keys=["weak", "strong"], dtype=torch.float32, track_meta=False),
     ]
     return Compose(steps)
 

@@ -189,6 +189,10 @@ class SegmentationModule(pl.LightningModule):
         """Logits ``(B, C, *spatial)`` for ``image`` ``(B, in_channels, *spatial)`` (one forward pass)."""
         return self.network(image)
 
+    def _inference_network(self) -> torch.nn.Module:
+        """The network that validation, test and prediction run (subclasses may choose another one)."""
+        return self.network
+
     def infer(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window probabilities ``(B, C, *spatial)`` (float32) for a whole volume ``(B, 1, *spatial)``."""
         roi = self.hparams.roi_size
@@ -200,7 +204,7 @@ class SegmentationModule(pl.LightningModule):
             image,
             roi_size=list(roi),
             sw_batch_size=self.hparams.sw_batch_size,
-            predictor=self.network,
+            predictor=self._inference_network(),
             overlap=self.hparams.overlap,
             mode=self.hparams.blend_mode,
         )
@@ -240,7 +244,8 @@ class SegmentationModule(pl.LightningModule):
         total = spec.temperature**2 * kl + jdt
         return total, {"kd_kl": kl.detach(), "kd_jdt": jdt.detach()}
 
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _labelled_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Loss on a labelled batch ``{"image": (B, K, *patch), "label": (B, C, *patch)}`` and its logged parts."""
         image, target = batch["image"], batch["label"]
         output = self.network(image)
         loss, parts = self._supervised_loss(output, target.float())
@@ -249,10 +254,16 @@ class SegmentationModule(pl.LightningModule):
             kd_total, kd_parts = self._teacher_loss(logits, image)
             loss = self.teacher_spec.label_weight * loss + self.teacher_spec.teacher_weight * kd_total
             parts = {**parts, **kd_parts}
-        batch_size = image.shape[0]
+        return loss, parts
+
+    def _log_training(self, loss: torch.Tensor, parts: Mapping[str, Any], batch_size: int) -> None:
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=False)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, parts = self._labelled_loss(batch)
+        self._log_training(loss, parts, batch["image"].shape[0])
         return loss
 
     # ------------------------------------------------------------------ validation / test
