@@ -1,13 +1,16 @@
 """Networks and the Lightning module: :class:`SegmentationModule`, :func:`build_network`,
-:func:`load_teacher`, :class:`NiftiPredictionWriter`."""
+:func:`load_teacher`, :class:`NiftiPredictionWriter`, :class:`SemiSupervisedModule`."""
 
 from medjdt.models.module import SegmentationModule
 from medjdt.models.networks import build_network, deep_supervision_heads, network_channels
 from medjdt.models.prediction_writer import NiftiPredictionWriter
+from medjdt.models.semi import MeanTeacherSpec, SemiSupervisedModule
 from medjdt.models.teacher import TeacherSpec, load_teacher
 
 __all__ = [
     "SegmentationModule",
+    "SemiSupervisedModule",
+    "MeanTeacherSpec",
     "build_network",
     "deep_supervision_heads",
     "network_channels",
