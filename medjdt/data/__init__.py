@@ -8,8 +8,7 @@ spacing, intensity; cached on disk by :class:`PreprocessedCases`) -> :class:`Seg
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medjdt._lazy import lazy_exports
 
 # Public name -> defining module. Resolved on first access so that the command line, which imports
 # medjdt.data.commands, does not pay for importing MONAI and Lightning.
@@ -40,13 +39,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'medjdt.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("medjdt.data", _EXPORTS, globals())

@@ -13,8 +13,7 @@ This package reads data and metrics; it never imports :mod:`medjdt.models` (trai
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medjdt._lazy import lazy_exports
 
 # Public name -> defining module, resolved on first access: the command line imports medjdt.reporting.commands
 # at start-up and must not pay for torch, MONAI and matplotlib.
@@ -48,13 +47,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'medjdt.reporting' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("medjdt.reporting", _EXPORTS, globals())
