@@ -56,7 +56,7 @@ def plot_reliability(bins: pd.DataFrame, ax: Axes, count_ax: Axes | None = None,
     ax.set_ylabel("accuracy (mean reference probability)")
     ax.legend(loc="upper left", fontsize="small")
     ece = expected_calibration_error(bins)
-    ax.set_title(f"{title}  (ECE {ece:.3f})" if title else f"ECE {ece:.3f}")
+    ax.set_title(f"{title}  (ECE {ece:.4f})" if title else f"ECE {ece:.4f}")
     if count_ax is None:
         ax.set_xlabel("confidence")
         return
