@@ -132,8 +132,14 @@ def test_fit_validate_predict_resume(phantoms, tmp_path):
     for name in ("dice", "soft_dice", "thresholded_dice"):
         assert metrics[f"val/{name}"].dropna().iloc[-1] == pytest.approx(per_case[name].mean(), rel=1e-5)
 
-    # Resume from last: the epoch count continues (1 done, 2 requested).
+    # The checkpoint loads as a plain SegmentationModule, weights included.
     last = version / "checkpoints" / "last.ckpt"
+    loaded = SegmentationModule.load_from_checkpoint(last, map_location="cpu")
+    saved = torch.load(last, weights_only=False)["state_dict"]
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
+
+    # Resume from last: the epoch count continues (1 done, 2 requested).
     assert main(_fit_args(phantoms, run_dir, "--ckpt_path", str(last), epochs=2)) == 0
     resumed = torch.load(_version_dir(run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["epoch"] == 1 and resumed["global_step"] > torch.load(last, weights_only=False)["global_step"] - 1

@@ -212,6 +212,8 @@ class SemiSupervisedModule(SegmentationModule):
         super().__init__(network, **kwargs)
         self.semi = None if semi is None else MeanTeacherSpec.from_mapping(semi)
         if self.semi is None:
+            # a checkpoint without mean teacher loads as a plain SegmentationModule too
+            self.hparams.pop("semi", None)
             return
         self.hparams["semi"] = asdict(self.semi)
         if self.loss.jdt.activation != "softmax":
