@@ -58,8 +58,37 @@ def _run_name(args: Sequence[str]) -> str:
     return name
 
 
+def _explicit_model_arguments(args: Sequence[str]) -> set[str]:
+    """Names of the model's init arguments set on the command line (``--model.X ...``, ``--model.X.y=...``)."""
+    names = set()
+    for arg in args:
+        if arg.startswith("--model."):
+            names.add(arg[len("--model.") :].split("=", 1)[0].split(".", 1)[0])
+    return names
+
+
 class MedjdtCLI(LightningCLI):
-    """LightningCLI over :class:`SemiSupervisedModule` and :class:`SegmentationDataModule`."""
+    """LightningCLI over :class:`SemiSupervisedModule` and :class:`SegmentationDataModule`.
+
+    With ``--ckpt_path``, Lightning replaces the model's settings by those saved in the checkpoint (so that the
+    network matches its weights); a model argument given explicitly on the command line (``--model.X``) still
+    wins over the checkpoint's, e.g. ``medjdt predict --ckpt_path ... --model.sw_batch_size 8``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        command_line = kwargs.get("args")
+        self._explicit_model = _explicit_model_arguments(sys.argv[1:] if command_line is None else command_line)
+        super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return super()._parse_ckpt_path()
+        model = self.config[subcommand].model
+        explicit = {name: model[name] for name in self._explicit_model if name in model}
+        super()._parse_ckpt_path()
+        for name, value in explicit.items():
+            self.config[subcommand].model[name] = value
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -147,9 +147,14 @@ def test_fit_validate_predict_resume(phantoms, tmp_path):
     # Predict: one probability map and one label map per case on the original grid and affine.
     pred_dir = tmp_path / "pred"
     predict = _fit_args(phantoms, run_dir, "--ckpt_path", str(last), "--prediction_writer.output_dir", str(pred_dir),
-                        "--data.predict_on", "all")
+                        "--data.predict_on", "all", "--model.overlap", "0.6")
     predict[0] = "predict"
+    network_at = predict.index("--model.network")
+    del predict[network_at : network_at + 2]  # the tiny network must come from the checkpoint, not demo.yaml
     assert main(predict) == 0
+    # The model's settings come from the checkpoint, but an explicit --model.* argument wins.
+    config = yaml.safe_load((_version_dir(run_dir) / "config.yaml").read_text())
+    assert config["model"]["overlap"] == 0.6 and config["model"]["sw_batch_size"] == 2
     for case_id, rows in manifest.frame.groupby("case_id"):
         original = nib.load(rows["image"].iloc[0])
         probs = nib.load(pred_dir / f"{case_id}_probs.nii.gz")
