@@ -2,7 +2,8 @@
 
 Configs are plain LightningCLI YAML with ``model:``, ``data:`` and ``trainer:`` sections. Besides
 Lightning's own options this adds ``checkpoint.*`` (a ``ModelCheckpoint``: best by ``checkpoint.monitor``,
-default ``val/dice``, plus ``last``) and ``prediction_writer.output_dir`` (NIfTI outputs of ``predict``).
+default ``val/dice``), a :class:`~medjdt.models.LastCheckpoint` (``last.ckpt`` after every epoch) and
+``prediction_writer.output_dir`` (NIfTI outputs of ``predict``).
 ``model.roi_size`` follows ``data.patch_size`` and ``model.class_names`` the manifest. The model class is
 :class:`~medjdt.models.semi.SemiSupervisedModule`: a :class:`~medjdt.models.SegmentationModule` with the optional
 argument group ``model.semi`` (mean-teacher settings; unset, training is plain supervised), so ``model:``
@@ -23,7 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from medjdt.data import SegmentationDataModule
-from medjdt.models import NiftiPredictionWriter
+from medjdt.models import LastCheckpoint, NiftiPredictionWriter
 from medjdt.models.semi import SemiSupervisedModule
 
 TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -96,11 +97,11 @@ class MedjdtCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/dice",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:03d}",
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(NiftiPredictionWriter, "prediction_writer")
         parser.link_arguments("data.patch_size", "model.roi_size")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")

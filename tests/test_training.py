@@ -139,10 +139,13 @@ def test_fit_validate_predict_resume(phantoms, tmp_path):
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
 
-    # Resume from last: the epoch count continues (1 done, 2 requested).
-    assert main(_fit_args(phantoms, run_dir, "--ckpt_path", str(last), epochs=2)) == 0
+    # Resume from last: the epoch count continues (1 done, 3 requested). With validation at epoch 1 only,
+    # last.ckpt still holds the state after the final epoch (2), not the last validated or best one.
+    first = torch.load(last, weights_only=False)
+    resume = _fit_args(phantoms, run_dir, "--ckpt_path", str(last), "--trainer.check_val_every_n_epoch", "2", epochs=3)
+    assert main(resume) == 0
     resumed = torch.load(_version_dir(run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    assert resumed["epoch"] == 1 and resumed["global_step"] > torch.load(last, weights_only=False)["global_step"] - 1
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * first["global_step"]
 
     # Predict: one probability map and one label map per case on the original grid and affine.
     pred_dir = tmp_path / "pred"

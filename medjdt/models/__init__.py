@@ -1,6 +1,8 @@
 """Networks and the Lightning module: :class:`SegmentationModule`, :func:`build_network`,
-:func:`load_teacher`, :class:`NiftiPredictionWriter`, :class:`SemiSupervisedModule`."""
+:func:`load_teacher`, :class:`NiftiPredictionWriter`, :class:`SemiSupervisedModule`,
+:class:`LastCheckpoint`."""
 
+from medjdt.models.last_checkpoint import LastCheckpoint
 from medjdt.models.module import SegmentationModule
 from medjdt.models.networks import build_network, deep_supervision_heads, network_channels
 from medjdt.models.prediction_writer import NiftiPredictionWriter
@@ -17,4 +19,5 @@ __all__ = [
     "NiftiPredictionWriter",
     "TeacherSpec",
     "load_teacher",
+    "LastCheckpoint",
 ]

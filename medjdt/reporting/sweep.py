@@ -200,8 +200,8 @@ def _train(run: SweepRun, config: Path, overrides: Sequence[str], state: dict, s
     _execute(training_command("fit", run, config, overrides, ckpt), run, "training")
     if not run.last_checkpoint.is_file():
         raise RuntimeError(
-            f"run {run.name}: training left no {run.last_checkpoint}; the sweep evaluates the last checkpoint "
-            "(keep checkpoint.save_last true)"
+            f"run {run.name}: training left no {run.last_checkpoint}; the sweep evaluates the last checkpoint, "
+            "which medjdt fit writes after every epoch"
         )
     _write_state(run, {**state, "stage": "trained", "manifest": _manifest_of(run)})
 
