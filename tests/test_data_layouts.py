@@ -79,10 +79,23 @@ def test_kits19_unlabelled_cases_fail_or_are_listed(tmp_path):
     make_kits19(tmp_path, unlabelled=2)
     with pytest.raises(ValueError, match=r"case_00003.*no annotation"):
         build_manifest("kits19", tmp_path, tmp_path / "out.csv", folds=3)
-    (out,) = build_manifest("kits19", tmp_path, tmp_path / "out.csv", folds=3, allow_unlabelled=True)
+    (out,) = build_manifest("kits19", tmp_path, tmp_path / "out.csv", folds=3, unlabelled="skip")
     assert _rows(out)["case_id"].nunique() == 3
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["unlabelled_cases"] == ["case_00003", "case_00004"]
+    skipped_folds = dict(zip(_rows(out)["case_id"], _rows(out)["fold"], strict=True))
+
+    # "include": the same labelled rows and folds, plus one unlabelled row per case that the loader reads.
+    (out,) = build_manifest("kits19", tmp_path, tmp_path / "with.csv", folds=3, unlabelled="include")
+    manifest = read_manifest(out)
+    assert sorted(r.case_id for r in manifest.cases(labelled=False)) == ["case_00003", "case_00004"]
+    labelled = manifest.cases(labelled=True)
+    assert {r.case_id: r.fold for r in labelled} == skipped_folds
+    for record in manifest.cases(labelled=False):
+        assert record.image == tmp_path / record.case_id / "imaging.nii.gz" and 0 <= record.fold < 3
+    assert json.loads(out.with_suffix(".json").read_text())["unlabelled_cases"] == ["case_00003", "case_00004"]
+    with pytest.raises(ValueError, match="unlabelled must be one of"):
+        build_manifest("kits19", tmp_path, tmp_path / "bad.csv", folds=3, unlabelled="keep")
 
 
 def test_lits_layout_rows(tmp_path):
@@ -136,6 +149,21 @@ def test_qubiq_single_dataset_root_and_loading_2d_multichannel(tmp_path):
     # channels-last NIfTI: channel c of the loaded image is the stored [..., c] plane
     stored = np.asarray(nib.load(case.image).dataobj)
     np.testing.assert_allclose(loaded["image"][2].numpy(), stored[..., 2])
+
+
+def test_qubiq_case_without_a_task_follows_the_unlabelled_policy(tmp_path):
+    make_qubiq(tmp_path)
+    for mask in (tmp_path / "brain-tumor" / "Training" / "case02").glob("task02_seg*.nii.gz"):
+        mask.unlink()
+    with pytest.raises(ValueError, match=r"training-case02.*task02_seg"):
+        build_manifest("qubiq", tmp_path / "brain-tumor", tmp_path / "bt.csv", folds=2)
+    task1, task2 = build_manifest("qubiq", tmp_path / "brain-tumor", tmp_path / "bt.csv", folds=2,
+                                  unlabelled="include")
+    assert read_manifest(task1).cases(labelled=False) == []
+    (unlabelled,) = read_manifest(task2).cases(labelled=False)
+    assert unlabelled.case_id == "training-case02" and unlabelled.image.parts[-3:] == ("Training", "case02",
+                                                                                        "image.nii.gz")
+    assert read_manifest(task2).frame.set_index("case_id").loc["training-case02", "subset"] == "Training"
 
 
 def test_demo_layout_rows(tmp_path):

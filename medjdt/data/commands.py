@@ -22,10 +22,21 @@ def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="manifest CSV to write (QUBIQ: one per dataset and task)")
     parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
-    parser.add_argument(
+    policy = parser.add_mutually_exclusive_group()
+    policy.add_argument(
         "--allow-unlabelled",
-        action="store_true",
+        dest="unlabelled",
+        action="store_const",
+        const="skip",
+        default="error",
         help="leave out cases without annotation (listed in the metadata) instead of failing",
+    )
+    policy.add_argument(
+        "--include-unlabelled",
+        dest="unlabelled",
+        action="store_const",
+        const="include",
+        help="write cases without annotation as unlabelled rows (for semi-supervised training)",
     )
 
 
@@ -36,13 +47,14 @@ def _summary(path) -> str:
 
 
 def run_manifest(args: argparse.Namespace) -> int:
-    """Build the manifest(s) and print one summary line per file; unlabelled cases left out are listed."""
-    paths = build_manifest(args.layout, args.root, args.out, args.folds, args.seed, args.allow_unlabelled)
+    """Build the manifest(s) and print one summary line per file; unlabelled cases are listed."""
+    paths = build_manifest(args.layout, args.root, args.out, args.folds, args.seed, args.unlabelled)
+    action = "included" if args.unlabelled == "include" else "left out"
     for path in paths:
         print(_summary(path))
-        skipped = json.loads(metadata_path(path).read_text(encoding="utf-8")).get("unlabelled_cases", [])
-        if skipped:
-            print(f"  left out {len(skipped)} unlabelled case(s): {', '.join(skipped)}")
+        unlabelled = json.loads(metadata_path(path).read_text(encoding="utf-8")).get("unlabelled_cases", [])
+        if unlabelled:
+            print(f"  {action} {len(unlabelled)} unlabelled case(s): {', '.join(unlabelled)}")
     return 0
 
 

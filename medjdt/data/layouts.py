@@ -15,8 +15,10 @@ Supported layouts (``layout`` argument of :func:`build_manifest`):
 - ``demo``: the phantom layout written by :func:`medjdt.data.phantoms.make_phantom_dataset`:
   ``<root>/case_NNN/image.nii.gz`` and ``rater-J.nii.gz``; background, organ, lesion.
 
-A case with an image but no annotation is an error unless ``allow_unlabelled`` (KiTS19 and LiTS ship
-unlabelled test cases): then it is left out and listed under ``unlabelled_cases`` in the metadata.
+A case with an image but no annotation (KiTS19 and LiTS ship unlabelled test cases) is handled by the
+``unlabelled`` policy: ``"error"`` (default) fails naming the case; ``"skip"`` leaves it out; ``"include"``
+writes it as an unlabelled row (empty ``label`` and ``rater``) for semi-supervised training. Either way the
+metadata lists it under ``unlabelled_cases``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from medjdt.data import kits
 from medjdt.data.manifest import assign_folds, write_manifest
 
 LAYOUTS = ("qubiq", "lits", "kits19", "kits21", "kits23", "demo")
+UNLABELLED_POLICIES = ("error", "skip", "include")
 QUBIQ_MODALITY = {
     "brain-growth": "MRI",
     "brain-tumor": "MRI",
@@ -63,12 +66,19 @@ class ManifestSpec:
     suffix: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     unlabelled: list[str] = field(default_factory=list)
+    unlabelled_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _unlabelled(case_id: str, where: Path, allow: bool, found: list[str]) -> None:
-    if not allow:
-        raise ValueError(f"case {case_id!r} has no annotation ({where}); pass allow_unlabelled to leave it out")
-    found.append(case_id)
+def _unlabelled(spec: ManifestSpec, policy: str, case_id: str, image: Path, where: Path, **columns: Any) -> None:
+    """Apply the ``unlabelled`` policy to a case that has ``image`` but no annotation (looked for at ``where``)."""
+    if policy == "error":
+        raise ValueError(
+            f"case {case_id!r} has no annotation ({where}); pass unlabelled='skip' (--allow-unlabelled) to leave "
+            "it out or unlabelled='include' (--include-unlabelled) to keep it as an unlabelled case"
+        )
+    spec.unlabelled.append(case_id)
+    if policy == "include":
+        spec.unlabelled_rows.append({"case_id": case_id, "image": image, "label": "", "rater": "", **columns})
 
 
 def _scan_kits_cases(root: Path) -> list[Path]:
@@ -81,24 +91,24 @@ def _scan_kits_cases(root: Path) -> list[Path]:
     return cases
 
 
-def _scan_kits19(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
+def _scan_kits19(root: Path, policy: str) -> list[ManifestSpec]:
     spec = ManifestSpec([], 3, ["background", "kidney", "tumor"], "CT", 3)
     for case in _scan_kits_cases(root):
         seg = case / "segmentation.nii.gz"
         if not seg.is_file():
-            _unlabelled(case.name, seg, allow_unlabelled, spec.unlabelled)
+            _unlabelled(spec, policy, case.name, case / "imaging.nii.gz", seg)
             continue
         spec.rows.append({"case_id": case.name, "image": case / "imaging.nii.gz", "label": seg, "rater": "1"})
     return [spec]
 
 
-def _scan_kits21(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
+def _scan_kits21(root: Path, policy: str) -> list[ManifestSpec]:
     spec = ManifestSpec([], 4, list(kits.CLASS_NAMES), "CT", 3)
     for case in _scan_kits_cases(root):
         instance_dir = kits.find_instance_dir(case)
         numbers = kits.annotation_numbers(instance_dir) if instance_dir is not None else []
         if not numbers:
-            _unlabelled(case.name, case / "instances", allow_unlabelled, spec.unlabelled)
+            _unlabelled(spec, policy, case.name, case / "imaging.nii.gz", case / "instances")
             continue
         for j in numbers:
             kits.annotation_files(instance_dir, j, case.name)  # every instance must have annotation j
@@ -108,7 +118,7 @@ def _scan_kits21(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
     return [spec]
 
 
-def _scan_lits(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
+def _scan_lits(root: Path, policy: str) -> list[ManifestSpec]:
     found: dict[str, dict[int, Path]] = {"volume": {}, "segmentation": {}}
     for p in sorted(root.rglob("*.nii*")):
         m = _LITS_RE.match(p.name)
@@ -127,7 +137,7 @@ def _scan_lits(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
     for n in sorted(found["volume"]):
         case_id = f"volume-{n}"
         if n not in found["segmentation"]:
-            _unlabelled(case_id, found["volume"][n], allow_unlabelled, spec.unlabelled)
+            _unlabelled(spec, policy, case_id, found["volume"][n], found["volume"][n])
             continue
         spec.rows.append(
             {"case_id": case_id, "image": found["volume"][n], "label": found["segmentation"][n], "rater": "1"}
@@ -149,7 +159,7 @@ def _qubiq_geometry(image: Path, mask: Path) -> tuple[int, int]:
     raise ValueError(f"image {image} {img_shape} and mask {mask} {mask_shape} do not share a spatial grid")
 
 
-def _scan_qubiq(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
+def _scan_qubiq(root: Path, policy: str) -> list[ManifestSpec]:
     def has_subsets(d: Path) -> bool:
         return (d / "Training").is_dir() or (d / "Validation").is_dir()
 
@@ -186,29 +196,27 @@ def _scan_qubiq(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
         if not by_task:
             raise ValueError(f"QUBIQ dataset {dataset} has no taskTT_segRR masks")
         for task in sorted(by_task):
-            unlabelled: list[str] = []
-            for case_id, image, masks in cases:
-                if task not in masks:
-                    _unlabelled(f"{case_id} (task {task})", image.parent, allow_unlabelled, unlabelled)
             first = by_task[task][0]
             spatial_dims, in_channels = _qubiq_geometry(first["image"], first["label"])
-            specs.append(
-                ManifestSpec(
-                    rows=by_task[task],
-                    num_classes=2,
-                    class_names=["background", f"{dataset.name}-task{task}"],
-                    modality=QUBIQ_MODALITY.get(dataset.name, "unknown"),
-                    spatial_dims=spatial_dims,
-                    in_channels=in_channels,
-                    suffix=f"_{dataset.name}_task{task}",
-                    extra={"dataset": dataset.name, "task": task},
-                    unlabelled=unlabelled,
-                )
+            spec = ManifestSpec(
+                rows=by_task[task],
+                num_classes=2,
+                class_names=["background", f"{dataset.name}-task{task}"],
+                modality=QUBIQ_MODALITY.get(dataset.name, "unknown"),
+                spatial_dims=spatial_dims,
+                in_channels=in_channels,
+                suffix=f"_{dataset.name}_task{task}",
+                extra={"dataset": dataset.name, "task": task},
             )
+            for case_id, image, masks in cases:
+                if task not in masks:
+                    where = image.parent / f"task{task}_seg*.nii.gz"
+                    _unlabelled(spec, policy, case_id, image, where, subset=case_id.split("-", 1)[0].capitalize())
+            specs.append(spec)
     return specs
 
 
-def _scan_demo(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
+def _scan_demo(root: Path, policy: str) -> list[ManifestSpec]:
     cases = sorted(p for p in root.iterdir() if p.is_dir() and (p / "image.nii.gz").is_file())
     if not cases:
         raise ValueError(f"no case folders with image.nii.gz under {root}")
@@ -219,7 +227,7 @@ def _scan_demo(root: Path, allow_unlabelled: bool) -> list[ManifestSpec]:
             ((int(m.group(1)), p) for p in case.iterdir() if (m := _DEMO_RATER_RE.match(p.name))), key=lambda t: t[0]
         )
         if not raters:
-            _unlabelled(case.name, case, allow_unlabelled, spec.unlabelled)
+            _unlabelled(spec, policy, case.name, case / "image.nii.gz", case)
             continue
         for j, p in raters:
             spec.rows.append({"case_id": case.name, "image": case / "image.nii.gz", "label": p, "rater": str(j)})
@@ -236,18 +244,23 @@ _SCANNERS = {
 }
 
 
-def scan_layout(layout: str, root: str | os.PathLike, allow_unlabelled: bool = False) -> list[ManifestSpec]:
+def scan_layout(layout: str, root: str | os.PathLike, unlabelled: str = "error") -> list[ManifestSpec]:
     """Scan ``root`` in the published ``layout``; one :class:`ManifestSpec` per manifest to write.
 
-    Raises ``ValueError`` for an unknown layout, a missing root, an image that is missing, a case with no
-    annotation (unless ``allow_unlabelled``), and layout-specific inconsistencies, naming the case and file.
+    ``unlabelled`` is the policy for cases without annotation: ``"error"``, ``"skip"`` or ``"include"`` (see the
+    module docstring).
+
+    Raises ``ValueError`` for an unknown layout or policy, a missing root, an image that is missing, a case with
+    no annotation (policy ``"error"``), and layout-specific inconsistencies, naming the case and file.
     """
     if layout not in _SCANNERS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+    if unlabelled not in UNLABELLED_POLICIES:
+        raise ValueError(f"unlabelled must be one of {list(UNLABELLED_POLICIES)}, got {unlabelled!r}")
     root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise ValueError(f"dataset root {root} is not a folder")
-    specs = _SCANNERS[layout](root, allow_unlabelled)
+    specs = _SCANNERS[layout](root, unlabelled)
     for spec in specs:
         if not spec.rows:
             raise ValueError(f"no annotated cases found under {root} for layout {layout!r}{spec.suffix}")
@@ -260,22 +273,27 @@ def build_manifest(
     out: str | os.PathLike,
     folds: int = 5,
     seed: int = 0,
-    allow_unlabelled: bool = False,
+    unlabelled: str = "error",
 ) -> list[Path]:
     """Scan ``root`` in ``layout`` and write manifest(s) with deterministic K-fold by case; returns their paths.
 
     ``out`` is the manifest CSV (its metadata goes to the same name with ``.json``). QUBIQ writes one manifest
     per dataset and task, named ``<out stem>_<dataset>_task<TT>.csv`` next to ``out``. Folds come from
-    :func:`medjdt.data.manifest.assign_folds` (all raters of a case share the fold).
+    :func:`medjdt.data.manifest.assign_folds` (all raters of a case share the fold). ``unlabelled``: policy for
+    cases without annotation (``"error"``, ``"skip"``, ``"include"``); included unlabelled cases are dealt into
+    folds separately, so the labelled cases' folds are those of ``"skip"``.
     """
     out = Path(out)
     if out.suffix != ".csv":
         raise ValueError(f"manifest path {out} must end with .csv")
-    specs = scan_layout(layout, root, allow_unlabelled)
+    specs = scan_layout(layout, root, unlabelled)
     written = []
     for spec in specs:
         fold_of = assign_folds([r["case_id"] for r in spec.rows], folds, seed)
-        rows = [{**r, "fold": fold_of[r["case_id"]]} for r in spec.rows]
+        if spec.unlabelled_rows:
+            unlabelled_ids = [r["case_id"] for r in spec.unlabelled_rows]
+            fold_of.update(assign_folds(unlabelled_ids, folds, seed, allow_empty_folds=True))
+        rows = [{**r, "fold": fold_of[r["case_id"]]} for r in spec.rows + spec.unlabelled_rows]
         path = out.with_name(f"{out.stem}{spec.suffix}.csv")
         extra = {
             "layout": layout,

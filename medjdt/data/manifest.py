@@ -103,16 +103,16 @@ def metadata_path(manifest_path: str | os.PathLike) -> Path:
     return Path(manifest_path).with_suffix(".json")
 
 
-def assign_folds(case_ids: Sequence[str], folds: int, seed: int = 0) -> dict[str, int]:
+def assign_folds(case_ids: Sequence[str], folds: int, seed: int = 0, allow_empty_folds: bool = False) -> dict[str, int]:
     """Deterministic K-fold split by case: shuffle the sorted unique ids with ``seed``, deal them round-robin.
 
     Every case lands in exactly one fold and fold sizes differ by at most one. Raises ``ValueError`` when
-    ``folds < 1`` or there are fewer cases than folds.
+    ``folds < 1`` or there are fewer cases than folds (unless ``allow_empty_folds``).
     """
     unique = sorted(set(case_ids))
     if folds < 1:
         raise ValueError(f"folds must be >= 1, got {folds}")
-    if len(unique) < folds:
+    if len(unique) < folds and not allow_empty_folds:
         raise ValueError(f"cannot split {len(unique)} case(s) into {folds} folds")
     order = np.random.default_rng(seed).permutation(len(unique))
     return {unique[i]: pos % folds for pos, i in enumerate(order)}
