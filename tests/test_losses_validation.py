@@ -194,3 +194,83 @@ def test_presets_fix_alpha_and_beta():
 def test_bad_segmentation_loss_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SegmentationLoss(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ deferred checks (accelerators)
+@pytest.fixture
+def deferred(monkeypatch):
+    """Defer the value checks of CPU tensors as on an accelerator."""
+    import medjdt.losses._inputs as inputs
+
+    monkeypatch.setattr(inputs, "defers_checks", lambda device: True)
+
+
+def _bad_inputs():
+    logits, labels, soft = _inputs()
+    nan_logits = logits.clone()
+    nan_logits[1, 2, 3, 4] = float("nan")
+    bad_labels = labels.clone()
+    bad_labels[0, 0, 0] = 7
+    bad_soft = soft.clone()
+    bad_soft[1, 0, 2, 2] = 1.5
+    return [
+        (nan_logits, labels, r"logits of shape \(2, 3, 6, 5\) contain NaN or Inf"),
+        (logits, bad_labels, r"class index 7 outside \[0, 3\)"),
+        (logits, bad_soft, r"soft target of shape \(2, 3, 6, 5\) must lie in \[0, 1\], found values in \[.*, 1\.5\]"),
+    ]
+
+
+@pytest.mark.parametrize("make_loss", [DiceSemimetricLoss, lambda: JDTLoss(fused=False), SoftTargetCrossEntropy,
+                                       SegmentationLoss], ids=["fused", "reference", "ce", "segmentation"])
+def test_deferred_checks_report_bad_inputs_on_a_later_call(make_loss, deferred):
+    logits, labels, soft = _inputs()
+    for bad_logits, bad_target, message in _bad_inputs():
+        loss = make_loss()
+        loss(bad_logits, bad_target)  # queued, not raised: on a GPU this call does not wait for the data
+        with pytest.raises(ValueError, match=message + r".*deferred check of an earlier call"):
+            loss(logits, labels)
+        loss(logits, soft)  # the failed check is gone; good inputs pass
+        loss(bad_logits, bad_target)
+        with pytest.raises(ValueError, match=message):
+            loss.flush_checks()
+        loss.flush_checks()
+
+
+def test_deferred_bad_labels_never_index_out_of_range(deferred):
+    # the reference path gathers and cross-entropy indexes by label: clamped until the deferred check reports
+    logits, labels, _ = _inputs()
+    bad = labels.clone()
+    bad[0, 0, 0], bad[1, 2, 3] = 7, -4
+    for loss in (JDTLoss(fused=False), DiceSemimetricLoss(), SoftTargetCrossEntropy()):
+        assert torch.isfinite(loss(logits, bad))
+        with pytest.raises(ValueError, match=r"class index -4 outside"):
+            loss.flush_checks()
+
+
+def test_segmentation_loss_checks_its_inputs_once(monkeypatch):
+    calls = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(1) or aminmax(*a, **k))
+    logits, labels, soft = _inputs()
+    SegmentationLoss()(logits, soft)
+    assert len(calls) == 2  # logits and target, shared by the cross-entropy and the JDT term
+    calls.clear()
+    SegmentationLoss()(logits, labels)
+    assert len(calls) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_cuda_training_step_loss_never_waits_for_the_device(hard):
+    logits, labels, soft = (t.cuda() for t in _inputs())
+    logits.requires_grad_()
+    loss = SegmentationLoss()
+    loss(logits, labels if hard else soft)  # warm-up: kernels compiled, allocator primed
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, _ = loss(logits, labels if hard else soft)
+        total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    loss.flush_checks()

@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medjdt.losses._inputs import check_activation, check_ignore_index, check_logits, prepare_target
+from medjdt.losses._inputs import (
+    DeferredChecks,
+    PreparedTarget,
+    check_activation,
+    check_ignore_index,
+    check_logits,
+    prepare_target,
+)
 from medjdt.losses.cardinalities import compute_dtype
 
 __all__ = ["SoftTargetCrossEntropy"]
@@ -50,11 +57,23 @@ class SoftTargetCrossEntropy(nn.Module):
         check_ignore_index(ignore_index)
         self.activation = activation
         self.ignore_index = ignore_index
+        self._deferred = DeferredChecks()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of ``logits`` ``(B, C, *spatial)`` against ``target`` -> scalar."""
-        check_logits(logits, self.activation)
-        prepared = prepare_target(logits, target, mask, self.ignore_index)
+        """Cross-entropy of ``logits`` ``(B, C, *spatial)`` against ``target`` -> scalar.
+
+        On an accelerator the value checks of the inputs are deferred (see :meth:`flush_checks`).
+        """
+        deferred = self._deferred.for_inputs(logits)
+        check_logits(logits, self.activation, deferred)
+        return self._forward_checked(logits, prepare_target(logits, target, mask, self.ignore_index, deferred))
+
+    def flush_checks(self) -> None:
+        """Wait for the deferred value checks of earlier calls on an accelerator; ``ValueError`` if one failed."""
+        self._deferred.flush()
+
+    def _forward_checked(self, logits: torch.Tensor, prepared: PreparedTarget) -> torch.Tensor:
+        """:meth:`forward` on inputs checked by :func:`check_logits` and :func:`prepare_target`."""
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.to(compute_dtype(logits.dtype))
             if self.activation == "softmax":

@@ -10,8 +10,8 @@ voxel-sized temporaries. Here the activation is part of one ``torch.autograd.Fun
   from the logits and writes the gradient of the logits chunk by chunk (dL/dx from the closed forms below,
   then the softmax or sigmoid Jacobian-vector product).
 
-A chunk holds about ``_CHUNK_ELEMENTS`` values and all its temporaries live in a few buffers that are reused
-from chunk to chunk, so on a CPU they stay in the L2 cache and the extra memory is the gradient itself plus
+A chunk holds about ``_CHUNK_ELEMENTS`` values per CPU thread and all its temporaries live in a few buffers that
+are reused from chunk to chunk, so on a CPU they stay in the cache and the extra memory is the gradient itself plus
 those buffers. Under DDP the dataset reduction all-reduces the sums between the two passes
 (:class:`~medjdt.losses.JDTLoss` does it on the output of forward).
 
@@ -42,8 +42,9 @@ from medjdt.losses.fused_triton import TritonSums, triton_available
 
 __all__ = ["fused_cardinalities"]
 
-# Values per chunk on a CPU: buffers of 512 KiB (float32) stay in the L2/L3 cache and amortise the per-operation
-# overhead of Python and OpenMP. On accelerators the chunk only bounds the temporaries: 1/16 of the logits per
+# Values per chunk and CPU thread: buffers of 512 KiB (float32) per thread stay in the L2/L3 cache and amortise
+# the per-operation overhead of Python and OpenMP (each operation splits its chunk among the threads). On
+# accelerators the chunk only bounds the temporaries: 1/16 of the logits per
 # buffer (at least 2**20 values, to keep the number of kernel launches low).
 _CHUNK_ELEMENTS = {"cpu": 1 << 17}
 _CHUNK_FRACTION_OTHER = 16
@@ -75,6 +76,8 @@ class _Chunks:
     def __init__(self, logits: torch.Tensor, dtype: torch.dtype) -> None:
         batch, channels, n_voxels = logits.shape
         budget = _CHUNK_ELEMENTS.get(logits.device.type)
+        if budget is not None and logits.device.type == "cpu":
+            budget *= torch.get_num_threads()
         if budget is None:  # accelerators: a fixed fraction of the logits, so the buffers stay small next to them
             budget = max(_MIN_CHUNK_ELEMENTS_OTHER, logits.numel() // _CHUNK_FRACTION_OTHER)
         self.step = min(n_voxels, max(_MIN_CHUNK_VOXELS, budget // max(1, batch * channels)))

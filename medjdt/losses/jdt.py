@@ -8,7 +8,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medjdt.losses._inputs import check_activation, check_ignore_index, check_logits, prepare_target
+from medjdt.losses._inputs import (
+    DeferredChecks,
+    PreparedTarget,
+    check_activation,
+    check_ignore_index,
+    check_logits,
+    prepare_target,
+)
 from medjdt.losses.cardinalities import (
     _check_p_variant,
     _hard_cardinalities,
@@ -175,11 +182,30 @@ class JDTLoss(nn.Module):
             if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
                 raise ValueError(f"class_weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
         self.register_buffer("class_weights", weights, persistent=False)
+        self._deferred = DeferredChecks()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Loss of ``logits`` ``(B, C, *spatial)`` against ``target`` (see the class docstring) -> scalar."""
-        logit_range = check_logits(logits, self.activation)
-        prepared = prepare_target(logits, target, mask, self.ignore_index)
+        """Loss of ``logits`` ``(B, C, *spatial)`` against ``target`` (see the class docstring) -> scalar.
+
+        On an accelerator the value checks of the inputs are deferred (see :meth:`flush_checks`).
+        """
+        deferred = self._deferred.for_inputs(logits)
+        logit_range = check_logits(logits, self.activation, deferred)
+        prepared = prepare_target(logits, target, mask, self.ignore_index, deferred)
+        return self._forward_checked(logits, prepared, logit_range)
+
+    def flush_checks(self) -> None:
+        """Wait for the deferred value checks of earlier calls on an accelerator; ``ValueError`` if one failed.
+
+        On an accelerator, each call checks its inputs (NaN/Inf logits, values outside [0, 1], class indices out
+        of range) without waiting for the device, and reports a failure on a later call; this reports it now.
+        """
+        self._deferred.flush()
+
+    def _forward_checked(
+        self, logits: torch.Tensor, prepared: PreparedTarget, logit_range: tuple[float, float] | None
+    ) -> torch.Tensor:
+        """:meth:`forward` on inputs checked by :func:`check_logits` and :func:`prepare_target`."""
         channels = logits.shape[1]
         if self.class_weights is not None and self.class_weights.numel() != channels:
             raise ValueError(

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from medjdt.losses._inputs import DeferredChecks, check_logits, prepare_target
 from medjdt.losses.cross_entropy import SoftTargetCrossEntropy
 from medjdt.losses.jdt import DiceSemimetricLoss, JDTLoss
 
@@ -53,12 +54,26 @@ class SegmentationLoss(nn.Module):
         self.ce_weight, self.jdt_weight = float(ce_weight), float(jdt_weight)
         self.jdt = jdt
         self.ce = SoftTargetCrossEntropy(activation=jdt.activation, ignore_index=jdt.ignore_index)
+        self._deferred = DeferredChecks()
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its detached parts for ``logits`` ``(B, C, *spatial)`` and ``target``."""
-        ce = self.ce(logits, target, mask)
-        jdt = self.jdt(logits, target, mask)
+        """Total loss and its detached parts for ``logits`` ``(B, C, *spatial)`` and ``target``.
+
+        The inputs are checked once for both terms; on an accelerator the value checks are deferred (see
+        :meth:`flush_checks`).
+        """
+        deferred = self._deferred.for_inputs(logits)
+        logit_range = check_logits(logits, self.jdt.activation, deferred)
+        prepared = prepare_target(logits, target, mask, self.jdt.ignore_index, deferred)
+        ce = self.ce._forward_checked(logits, prepared)
+        jdt = self.jdt._forward_checked(logits, prepared, logit_range)
         total = self.ce_weight * ce + self.jdt_weight * jdt
         return total, {"ce": ce.detach(), "jdt": jdt.detach()}
+
+    def flush_checks(self) -> None:
+        """Wait for the deferred value checks of earlier calls on an accelerator; ``ValueError`` if one failed."""
+        self._deferred.flush()
+        self.jdt.flush_checks()
+        self.ce.flush_checks()
