@@ -6,7 +6,10 @@ chain (load, channel first, orientation, CT window) for the phantoms. Throughput
 ``SegmentationDataModule.train_dataloader()`` with 96^3 patches, ``samples_per_volume`` 2, augmentation
 and fusion on, from a warm cache, after one warm-up batch; it is measured with ``--workers`` worker
 processes and, to show what one worker delivers on one core, in the main process with one thread
-(``patches_per_cpu_s`` does not depend on what else runs). Prints one JSON line per measurement, with the
+(``patches_per_cpu_s`` does not depend on what else runs), for ``mean`` fusion (per patch) and ``staple``
+(once per whole case, cached). For ``staple`` it also reports the one-off cost per case (STAPLE on the whole
+preprocessed case, paid on its first load) and, for comparison, STAPLE on one 96^3 rater patch: the cost that
+fusing per patch would add to every patch of every epoch. Prints one JSON line per measurement, with the
 machine's load average (other processes compete for the same cores). The real KiTS23 cases (labels from
 ``../shared/realdata``, CT synthesised on their grid) are included when that folder exists.
 
@@ -31,6 +34,7 @@ from monai.data import PersistentDataset
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityRanged
 
 from medjdt.data import (
+    CaseFusedTargets,
     PreprocessedCases,
     PreprocessSettings,
     SegmentationDataModule,
@@ -39,6 +43,7 @@ from medjdt.data import (
     read_manifest,
     write_nifti,
 )
+from medjdt.labels import fuse
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "kits23" / "dataset"
 
@@ -90,9 +95,9 @@ def _monai_persistent_times(manifest: Path, cache_dir: Path, cases: int) -> dict
             "monai_persistent_cached_s_per_case": round(statistics.median(cached), 4)}
 
 
-def _throughput(manifest: Path, cache_dir: Path, workers: int, batches: int, spacing, window) -> dict:
+def _throughput(manifest: Path, cache_dir: Path, workers: int, batches: int, spacing, window, fusion: str) -> dict:
     dm = SegmentationDataModule(
-        manifest=str(manifest), fold=0, num_folds=read_manifest(manifest).num_folds, fusion="mean",
+        manifest=str(manifest), fold=0, num_folds=read_manifest(manifest).num_folds, fusion=fusion,
         patch_size=[96, 96, 96], samples_per_volume=2, batch_size=2, num_workers=workers, cache_dir=str(cache_dir),
         spacing=spacing, window=window, augment=True, seed=0,
     )
@@ -113,11 +118,33 @@ def _throughput(manifest: Path, cache_dir: Path, workers: int, batches: int, spa
         patches += batch["image"].shape[0]
         timed += 1
     elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
-    out = {"workers": workers, "patch": [96, 96, 96], "patches": patches, "seconds": round(elapsed, 2),
-           "patches_per_s": round(patches / elapsed, 1), "ms_per_batch_of_4": round(1000 * elapsed / timed, 1)}
+    out = {"fusion": fusion, "workers": workers, "patch": [96, 96, 96], "patches": patches,
+           "seconds": round(elapsed, 2), "patches_per_s": round(patches / elapsed, 1),
+           "ms_per_batch_of_4": round(1000 * elapsed / timed, 1)}
     if workers == 0:  # all work is in this process: CPU time is what the loader costs, whatever else runs
         out["patches_per_cpu_s"] = round(patches / cpu, 1)
     return out
+
+
+def _staple_costs(manifest: Path, settings: PreprocessSettings, cache_dir: Path, patches: int) -> dict:
+    """Whole-case STAPLE per case (first load, preprocessed case already cached) vs STAPLE on one 96^3 patch."""
+    m = read_manifest(manifest)
+    cases = PreprocessedCases(m.num_classes, m.spatial_dims, settings, cache_dir)
+    whole, per_patch = [], []
+    rng = np.random.default_rng(0)
+    for record in m.cases():
+        raters = cases(record)["raters"]
+        t = time.perf_counter()
+        CaseFusedTargets(cases, "staple", cache_dir=None)(record)
+        whole.append(time.perf_counter() - t)
+        for _ in range(max(1, patches // len(m.cases()))):
+            start = [int(rng.integers(0, s - 96 + 1)) for s in raters.shape[1:]]
+            crop = raters[(slice(None), *(slice(o, o + 96) for o in start))]
+            t = time.perf_counter()
+            fuse(crop, "staple", m.num_classes)
+            per_patch.append(time.perf_counter() - t)
+    return {"whole_case_staple_s_per_case": round(statistics.median(whole), 3),
+            "staple_ms_per_96_patch": round(1000 * statistics.median(per_patch), 1)}
 
 
 def _real_kits_manifest(work: Path) -> Path | None:
@@ -148,14 +175,19 @@ def main() -> None:
         load["monai_over_medjdt_cached"] = round(
             load["monai_persistent_cached_s_per_case"] / load["cached_load_s_per_case"], 2)
         print(json.dumps({"bench": "load", "data": f"phantom {args.shape}", **load}), flush=True)
-        data = {"data": f"phantom {args.shape}", "load_avg_1min": round(os.getloadavg()[0], 2)}
-        rate = _throughput(manifest, work / "cache", args.workers, args.batches, None, (-200, 300))
-        print(json.dumps({"bench": "train_loader", **data, **rate}), flush=True)
+        data = {"data": f"phantom {args.shape}"}
+        for fusion in ("mean", "staple"):
+            data["load_avg_1min"] = round(os.getloadavg()[0], 2)
+            rate = _throughput(manifest, work / "cache", args.workers, args.batches, None, (-200, 300), fusion)
+            print(json.dumps({"bench": "train_loader", **data, **rate}), flush=True)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        data["load_avg_1min"] = round(os.getloadavg()[0], 2)
-        rate = _throughput(manifest, work / "cache", 0, args.batches // 2, None, (-200, 300))
-        print(json.dumps({"bench": "train_loader_one_core", **data, **rate}), flush=True)
+        for fusion in ("mean", "staple"):
+            data["load_avg_1min"] = round(os.getloadavg()[0], 2)
+            rate = _throughput(manifest, work / "cache", 0, args.batches // 2, None, (-200, 300), fusion)
+            print(json.dumps({"bench": "train_loader_one_core", **data, **rate}), flush=True)
+        costs = _staple_costs(manifest, PreprocessSettings(), work / "cache", 8)
+        print(json.dumps({"bench": "staple_cost_one_core", **data, **costs}), flush=True)
         torch.set_num_threads(threads)
 
         kits = _real_kits_manifest(work)

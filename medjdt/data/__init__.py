@@ -3,7 +3,8 @@
 Data flow: dataset on disk -> :func:`build_manifest` (one row per case x rater) -> :func:`read_manifest`
 -> :func:`load_case` (image + every rater on one checked grid) -> :func:`preprocess_case` (orientation,
 spacing, intensity; cached on disk by :class:`PreprocessedCases`) -> :class:`SegmentationDataModule`
-(patches, joint augmentation, rater fusion).
+(patches, joint augmentation, rater fusion: per patch, or for STAPLE once per whole case, cached on disk by
+:class:`CaseFusedTargets`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from medjdt._lazy import lazy_exports
 _EXPORTS = {
     "CaseCache": "medjdt.data.cache",
     "PreprocessedCases": "medjdt.data.cache",
+    "CASE_FUSION_METHODS": "medjdt.data.case_fusion",
+    "CaseFusedTargets": "medjdt.data.case_fusion",
     "SegmentationDataModule": "medjdt.data.datamodule",
     "AFFINE_ATOL_MM": "medjdt.data.io",
     "LabelMapReader": "medjdt.data.io",

@@ -8,6 +8,10 @@ modification time of every source file, so replacing a file or changing a settin
 entry fails to load and a corrupted one fails its checksums: either is deleted with a warning and rebuilt.
 Checksums are verified the first time a process reads an entry (per size and modification time), not on
 every epoch. Entries are written atomically, and only after the case loaded and validated successfully.
+
+Other per-case results derived from a preprocessed case (the whole-case fused targets of
+:mod:`medjdt.data.case_fusion`) are stored the same way under their own settings digest, so they neither
+invalidate the preprocessed entries nor are computed for settings that do not use them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from medjdt.data.atomic import atomic_write, atomic_write_text
 from medjdt.data.manifest import CaseRecord
 from medjdt.data.preprocess import PreprocessSettings, preprocess_case
 
-_PAYLOAD_KEYS = {
+# The schema of a preprocessed-case entry: payload key -> type.
+CASE_SCHEMA: dict[str, type] = {
     "image": torch.Tensor,
     "raters": torch.Tensor,
     "affine": torch.Tensor,
@@ -40,7 +45,6 @@ _PAYLOAD_KEYS = {
     "image_file": str,
     "checksums": dict,
 }
-_TENSOR_KEYS = [k for k, kind in _PAYLOAD_KEYS.items() if kind is torch.Tensor]
 # Entries whose checksums this process has verified: (path, size, mtime_ns).
 _verified: set[tuple[str, int, int]] = set()
 
@@ -64,31 +68,43 @@ def _crc(tensor: torch.Tensor) -> int:
     return zlib.crc32(tensor.contiguous().view(torch.uint8).numpy())
 
 
-def _check_payload(payload: Any) -> dict[str, Any]:
-    """Raise ``ValueError`` unless ``payload`` has every key with the right type."""
+def _tensor_keys(schema: dict[str, type]) -> list[str]:
+    return [key for key, kind in schema.items() if kind is torch.Tensor]
+
+
+def _check_payload(payload: Any, schema: dict[str, type]) -> dict[str, Any]:
+    """Raise ``ValueError`` unless ``payload`` has every key of ``schema`` with the right type."""
     if not isinstance(payload, dict):
         raise ValueError("payload is not a dict")
-    for key, kind in _PAYLOAD_KEYS.items():
+    for key, kind in schema.items():
         if not isinstance(payload.get(key), kind):
             raise ValueError(f"payload key {key!r} missing or not a {kind.__name__}")
     return payload
 
 
-def _verify_checksums(payload: dict[str, Any]) -> None:
-    for key in _TENSOR_KEYS:
+def _verify_checksums(payload: dict[str, Any], schema: dict[str, type]) -> None:
+    for key in _tensor_keys(schema):
         if payload["checksums"].get(key) != _crc(payload[key]):
             raise ValueError(f"CRC32 mismatch for {key!r}")
 
 
 class CaseCache:
-    """Directory of cached preprocessed cases for one set of preprocessing settings.
+    """Directory of cached per-case entries for one set of settings.
 
     Args:
         root: the cache directory (created if needed).
         settings: JSON-able description of everything that changes the cached content.
+        schema: payload key -> type of every entry (default: a preprocessed case, see :func:`to_payload`);
+            it must hold ``"case_id": str`` and ``"checksums": dict``. Tensors get a CRC32 each.
+
+    Raises:
+        ValueError: ``schema`` lacks ``case_id`` or ``checksums``.
     """
 
-    def __init__(self, root: str | os.PathLike, settings: dict[str, Any]):
+    def __init__(self, root: str | os.PathLike, settings: dict[str, Any], schema: dict[str, type] = CASE_SCHEMA):
+        if schema.get("case_id") is not str or schema.get("checksums") is not dict:
+            raise ValueError(f"cache schema needs 'case_id': str and 'checksums': dict, got {schema}")
+        self.schema = dict(schema)
         self.settings = dict(settings)
         self.dir = Path(root) / _digest(self.settings)[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -115,25 +131,29 @@ class CaseCache:
         state = (str(path), st.st_size, st.st_mtime_ns)
         try:
             try:
-                payload = _check_payload(torch.load(path, weights_only=True))
+                payload = _check_payload(torch.load(path, weights_only=True), self.schema)
             except Exception as err:  # torch/zip/pickle raise many types for truncated, partial or garbage files
                 raise ValueError(f"cannot load: {err}") from err
             if payload["case_id"] != record.case_id:
                 raise ValueError(f"entry holds case {payload['case_id']!r}")
             if state not in _verified:
-                _verify_checksums(payload)
+                _verify_checksums(payload, self.schema)
                 _verified.add(state)
         except ValueError as err:
-            warnings.warn(
-                f"cache entry {path} for case {record.case_id!r} is corrupt ({err}); rebuilding", stacklevel=2
-            )
-            path.unlink(missing_ok=True)
+            self.discard(record, str(err))
             return None
         return payload
 
+    def discard(self, record: CaseRecord, reason: str) -> None:
+        """Delete the entry of ``record`` with a warning that gives ``reason``; the next write rebuilds it."""
+        path = self.entry_path(record)
+        warnings.warn(f"cache entry {path} for case {record.case_id!r} is corrupt ({reason}); rebuilding", stacklevel=3)
+        path.unlink(missing_ok=True)
+
     def write(self, record: CaseRecord, payload: dict[str, Any]) -> Path:
-        """Store ``payload`` (see :func:`to_payload`) for ``record`` atomically; returns the entry path."""
-        payload = {**payload, "checksums": {key: _crc(payload[key]) for key in _TENSOR_KEYS}}
+        """Store ``payload`` (keys of ``schema``, ``checksums`` is filled in) for ``record`` atomically; returns
+        the entry path."""
+        payload = {**payload, "checksums": {key: _crc(payload[key]) for key in _tensor_keys(self.schema)}}
         return atomic_write(self.entry_path(record), lambda tmp: torch.save(payload, tmp))
 
 
@@ -183,7 +203,8 @@ class PreprocessedCases:
         settings: the preprocessing settings.
         cache_dir: cache root, or ``None`` to preprocess on every call.
 
-    ``hits`` and ``misses`` count cache use in this process.
+    ``hits`` and ``misses`` count cache use in this process; ``key`` is the JSON-able description of the
+    cached content (preprocessing settings, classes, dims).
     """
 
     def __init__(
@@ -193,8 +214,8 @@ class PreprocessedCases:
         self.num_classes = num_classes
         self.spatial_dims = spatial_dims
         self.settings = settings
-        key = {**settings.key(), "num_classes": num_classes, "spatial_dims": spatial_dims, "cache_format": 1}
-        self.cache = CaseCache(cache_dir, key) if cache_dir is not None else None
+        self.key = {**settings.key(), "num_classes": num_classes, "spatial_dims": spatial_dims, "cache_format": 1}
+        self.cache = CaseCache(cache_dir, self.key) if cache_dir is not None else None
         self.hits = 0
         self.misses = 0
 

@@ -23,6 +23,7 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import RandomSampler, Sampler
 
 from medjdt.data.cache import CaseCache, PreprocessedCases, from_payload, to_payload
+from medjdt.data.case_fusion import CASE_FUSION_METHODS, CaseFusedTargets
 from medjdt.data.io import read_image
 from medjdt.data.manifest import CaseRecord, Manifest, read_manifest, write_partly_labelled
 from medjdt.data.phantoms import make_phantom_dataset
@@ -39,7 +40,8 @@ class CaseDataset(Dataset):
 
     Args:
         records: the cases.
-        load: callable ``CaseRecord -> dict`` (a :class:`~medjdt.data.cache.PreprocessedCases`).
+        load: callable ``CaseRecord -> dict`` (a :class:`CaseLoader`, or for whole-case fusion a
+            :class:`~medjdt.data.case_fusion.CaseFusedTargets`).
         transform: applied to the loaded case (may return a list of patches).
     """
 
@@ -109,8 +111,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         manifest: manifest CSV path (its metadata JSON sits next to it).
         fold: the validation fold, in ``0..num_folds-1``; training uses the other folds.
         num_folds: number of folds the manifest was split into (must match its metadata).
-        fusion: rater fusion method, one of ``medjdt.labels.FUSION_METHODS``; applied per training patch
-            after augmentation.
+        fusion: rater fusion method, one of ``medjdt.labels.FUSION_METHODS``. ``"staple"`` fuses each whole
+            training case once on the preprocessed grid and caches the soft target in ``cache_dir`` (see
+            :mod:`medjdt.data.case_fusion`); patches then crop and augment that target with the image. The
+            other methods fuse the raters of each training patch after augmentation (``"random"`` draws a new
+            rater per patch and epoch).
         label_smoothing: epsilon of ``SmoothLabelsd`` on the fused target (0 disables it).
         smoothing_mode: ``"uniform"`` or ``"boundary"``.
         patch_size: training patch size, one entry per spatial axis.
@@ -309,7 +314,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             transform.set_random_state(seed=self.seed)
             records = self._records("train")
             self._check_patch_fits(records)
-            self.datasets["train"] = CaseDataset(records, load, transform)
+            train_load: Callable[[CaseRecord], dict] = load
+            if self.fusion in CASE_FUSION_METHODS:
+                train_load = CaseFusedTargets(load.labelled, self.fusion, self.cache_dir)
+            self.datasets["train"] = CaseDataset(records, train_load, transform)
             if self.unlabelled_ratio > 0:
                 unlabelled = unlabelled_transform(
                     spatial_dims=self.spatial_dims,

@@ -40,7 +40,9 @@ class FuseRatersd(MapTransform, Randomizable):
     Method ``"random"`` draws a rater with this transform's random state ``R`` on every call, so
     ``set_random_state`` (as MONAI's ``DataLoader`` worker seeding does) makes the draws reproducible. The
     transform is ``Randomizable`` for every method, so a ``CacheDataset`` stops caching at it. ``"staple"`` runs
-    SimpleITK's iterative STAPLE and is far slower than the other methods; precompute it where possible.
+    SimpleITK's iterative STAPLE, which is far slower than the other methods and estimates every rater's
+    sensitivity/specificity from the voxels it is given: run it once per whole case (and cache the result)
+    rather than on every training patch.
 
     Args:
         keys: key of the rater stack; exactly one.
