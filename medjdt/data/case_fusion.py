@@ -1,9 +1,10 @@
 """Whole-case rater fusion, computed once per case on the preprocessed grid and cached on disk.
 
-STAPLE estimates every rater's sensitivity and specificity from the voxels it is given. Run on a training
-patch (often almost all background or almost all organ), those estimates are poor and change from patch to
-patch; run on the whole case they are what STAPLE is meant to estimate. It is also the slowest fusion method,
-so it runs once per case (the first time a case is loaded) and the target is stored next to the preprocessed
+STAPLE estimates every rater's sensitivity and specificity, and the ``weighted`` method every rater's weight
+(Dice against the majority vote), from the voxels they are given. Run on a training patch (often almost all
+background or almost all organ), those estimates are poor and change from patch to patch; run on the whole
+case they are what the methods are meant to estimate. STAPLE is also the slowest fusion method. So these
+methods run once per case (the first time a case is loaded) and the target is stored next to the preprocessed
 case, under its own settings digest: other fusion methods neither compute nor invalidate it. The training
 chain then crops and augments this soft target together with the image.
 
@@ -23,7 +24,7 @@ from medjdt.data.manifest import CaseRecord
 from medjdt.labels import fuse
 from medjdt.labels.staple import MAX_ITERATIONS
 
-CASE_FUSION_METHODS = ("staple",)
+CASE_FUSION_METHODS = ("staple", "weighted")
 TARGET_SCHEMA: dict[str, type] = {"label": torch.Tensor, "case_id": str, "checksums": dict}
 
 

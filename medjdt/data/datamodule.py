@@ -111,11 +111,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         manifest: manifest CSV path (its metadata JSON sits next to it).
         fold: the validation fold, in ``0..num_folds-1``; training uses the other folds.
         num_folds: number of folds the manifest was split into (must match its metadata).
-        fusion: rater fusion method, one of ``medjdt.labels.FUSION_METHODS``. ``"staple"`` fuses each whole
-            training case once on the preprocessed grid and caches the soft target in ``cache_dir`` (see
-            :mod:`medjdt.data.case_fusion`); patches then crop and augment that target with the image. The
-            other methods fuse the raters of each training patch after augmentation (``"random"`` draws a new
-            rater per patch and epoch).
+        fusion: rater fusion method, one of ``medjdt.labels.FUSION_METHODS``. ``"staple"`` and ``"weighted"``
+            (which estimate rater performances from the data) fuse each whole training case once on the
+            preprocessed grid and cache the soft target in ``cache_dir`` (see :mod:`medjdt.data.case_fusion`);
+            patches then crop and augment that target with the image. The other methods fuse the raters of
+            each training patch after augmentation (``"random"`` draws a new rater per patch and epoch).
         label_smoothing: epsilon of ``SmoothLabelsd`` on the fused target (0 disables it).
         smoothing_mode: ``"uniform"`` or ``"boundary"``.
         patch_size: training patch size, one entry per spatial axis.

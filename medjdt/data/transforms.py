@@ -1,17 +1,17 @@
 """MONAI transform chains applied after the (cached) preprocessing: patch sampling, augmentation, fusion.
 
-Training, per-patch fusion (``mean``, ``weighted``, ``majority``, ``random``): foreground = union of the raters'
+Training, per-patch fusion (``mean``, ``majority``, ``random``): foreground = union of the raters'
 hard masks -> pad to the patch size -> ``samples_per_volume`` patches with a foreground/background ratio ->
 joint augmentation of image and every rater mask (flips, small rotations/scales with nearest-neighbour masks,
 intensity scale/shift on the image) -> fusion of the patch's raters (``FuseRatersd``) -> optional label
 smoothing. Fusion runs after augmentation, so ``random`` selection draws a new rater per patch and per epoch.
 
-Training, whole-case fusion (``staple``, see :mod:`medjdt.data.case_fusion`): the loaded case already holds the
-soft target ``label`` fused once on the whole preprocessed case. Foreground = union of the raters' masks (the
-same patch centring as above) -> pad -> patches of image and target -> the same joint augmentation, with the
-target interpolated bilinearly (a convex combination of probability vectors is one) -> the background channel
-is set to 1 minus the other channels (:class:`FillBackgroundd`), so voxels padded with zeros become pure
-background -> optional label smoothing.
+Training, whole-case fusion (``staple``, ``weighted``, see :mod:`medjdt.data.case_fusion`): the loaded case
+already holds the soft target ``label`` fused once on the whole preprocessed case. Foreground = union of the
+raters' masks (the same patch centring as above) -> pad -> patches of image and target -> the same joint
+augmentation, with the target interpolated bilinearly (a convex combination of probability vectors is one)
+-> the background channel is set to 1 minus the other channels (:class:`FillBackgroundd`), so voxels padded
+with zeros become pure background -> optional label smoothing.
 
 Unlabelled cases (semi-supervised training): pad -> ``samples_per_volume`` random patches -> the same spatial
 augmentation as above (the *weak* view) -> a copy of the weak view gets intensity-only augmentation (Gaussian
