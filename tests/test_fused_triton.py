@@ -77,7 +77,7 @@ def _assert_matches_reference(options, logits, target, mask, rtol=1e-5):
 )
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 def test_kernels_equal_reference(options, hard, triton_path):
-    # 1100 voxels: one full block of 1024 and a ragged one
+    # 1100 voxels: two full blocks of 512 and a ragged one
     logits, target, mask = _case((11, 10, 10), hard)
     _assert_matches_reference(options, logits, target, mask)
     assert triton_path, "the Triton kernels were not used"
