@@ -11,12 +11,14 @@ step has them. Cases (medjdt side | reference side):
    Dice counts (nine thresholds).
    ``fused_vs_reference``: ``fused_all`` | the reference functions of :mod:`medjdt.metrics.calibration` and
    :mod:`medjdt.metrics.overlap` computing the same sums one metric at a time (same work, same inputs).
-2. ``streaming_update``: ``CalibrationMetrics.update`` + ``OverlapMetrics.update`` (input validation, the
-   fused pass, per-case rows) | the same MONAI pipeline.
-3. ``streaming_vs_monai_metrics``: as 2 | MONAI's two metrics alone, one-hot tensors prepared outside the timing.
-4. ``functional_reference``: the reference functions ``expected_calibration_error(kind="classwise")`` +
+2. ``combined_update``: ``SegmentationMetrics.update`` (input validation, one fused pass for calibration and
+   overlap with the QUBIQ thresholds, per-case rows), what a validation step runs | the same MONAI pipeline.
+   ``combined_vs_monai_metrics``: the same | MONAI's two metrics alone, one-hot tensors prepared outside the
+   timing. ``streaming_update``: ``CalibrationMetrics.update`` + ``OverlapMetrics.update`` (validation and the
+   fused pass twice) | the MONAI pipeline.
+3. ``functional_reference``: the reference functions ``expected_calibration_error(kind="classwise")`` +
    ``brier_score`` + ``dice`` (each validating its inputs) | the MONAI pipeline.
-5. ``top_label_ece``: medjdt ``expected_calibration_error(kind="top_label")`` | torchmetrics
+4. ``top_label_ece``: medjdt ``expected_calibration_error(kind="top_label")`` | torchmetrics
    ``MulticlassCalibrationError`` (per image, on the (N, C) layout it needs).
 
 Times are the best of ``--repeats`` runs, the two sides of a case alternating, so that other jobs on a shared
@@ -42,6 +44,7 @@ from medjdt.metrics import (
     QUBIQ_THRESHOLDS,
     CalibrationMetrics,
     OverlapMetrics,
+    SegmentationMetrics,
     brier_score,
     dice,
     expected_calibration_error,
@@ -117,6 +120,11 @@ def main() -> None:
         calibration.update(probs, labels, case_ids)
         overlap.update(probs, labels, case_ids)
 
+    combined = SegmentationMetrics(num_classes).to(device)
+
+    def combined_update() -> None:
+        combined.update(probs, labels, case_ids)
+
     def functional_reference() -> None:
         expected_calibration_error(probs, labels, n_bins=10, kind="classwise")
         brier_score(probs, labels)
@@ -156,8 +164,9 @@ def main() -> None:
         ("fused_ece_brier_dice", fused_ece_brier_dice, "monai_pipeline", monai_pipeline),
         ("fused_all", fused_all, "monai_pipeline", monai_pipeline),
         ("fused_vs_reference", fused_all, "reference_functions_all", reference_all),
+        ("combined_update", combined_update, "monai_pipeline", monai_pipeline),
+        ("combined_vs_monai_metrics", combined_update, "monai_metrics_prepared", lambda: monai_metrics(*prepared)),
         ("streaming_update", streaming, "monai_pipeline", monai_pipeline),
-        ("streaming_vs_monai_metrics", streaming, "monai_metrics_prepared", lambda: monai_metrics(*prepared)),
         ("functional_reference", functional_reference, "monai_pipeline", monai_pipeline),
         ("top_label_ece", ours_top_label, "torchmetrics", torchmetrics_top_label),
     ]

@@ -116,14 +116,124 @@ def test_counts_without_bincount_as_on_accelerators(monkeypatch, chunking):
     _assert_matches_reference(_inputs((7, 6, 5), soft=True, masked=False, seed=5))
 
 
-def test_parts_can_be_skipped():
-    inputs = _inputs((6, 5, 4), soft=False, masked=False)
-    calibration = voxel_sums(inputs, n_bins=10)
-    assert calibration.overlap is None
-    torch.testing.assert_close(calibration.classwise, classwise_bin_sums(inputs, 10))
-    overlap = voxel_sums(inputs, overlap=True)
-    assert overlap.top_label is None and overlap.nll is None and overlap.overlap.thr_tp.shape == (2, 3, 0)
-    torch.testing.assert_close(overlap.overlap.tp, overlap_sums(inputs).tp)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize(
+    "n_bins,overlap,thresholds",
+    [(10, False, ()), (None, True, ()), (None, True, QUBIQ_THRESHOLDS), (6, True, ())],
+    ids=["calibration", "overlap", "overlap_thresholds", "both_no_thresholds"],
+)
+def test_parts_can_be_skipped(n_bins, overlap, thresholds, soft, chunking):
+    inputs = _inputs((6, 5, 4), soft, masked=True, seed=6)
+    sums = voxel_sums(inputs, n_bins=n_bins, overlap=overlap, thresholds=thresholds)
+    assert (sums.top_label is None) == (n_bins is None) and (sums.overlap is None) == (not overlap)
+    if n_bins is not None:
+        _assert_sums_close(sums.top_label, top_label_bin_sums(inputs, n_bins), torch.float32)
+        _assert_sums_close(sums.classwise, classwise_bin_sums(inputs, n_bins), torch.float32)
+        _assert_sums_close(sums.squared_error, squared_error_sums(inputs), torch.float32)
+        _assert_sums_close(sums.nll, nll_sums(inputs, 1e-7), torch.float32)
+    if overlap:
+        reference = overlap_sums(inputs, thresholds) if thresholds else overlap_sums(inputs, (0.5,))
+        assert sums.overlap.thr_tp.shape == (2, 3, len(thresholds))
+        for name in ("tp", "fp", "fn", "ref_mass", "pred_mass", "abs_diff"):
+            _assert_sums_close(getattr(sums.overlap, name), getattr(reference, name), torch.float32)
+        if thresholds:
+            torch.testing.assert_close(sums.overlap.thr_tp, reference.thr_tp, rtol=0, atol=0)
+            torch.testing.assert_close(sums.overlap.thr_pred, reference.thr_pred, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_split_class_rows(soft, monkeypatch, chunking):
+    """Class rows whose joint key would be too large are split into a bin row and a threshold row."""
+    monkeypatch.setattr(fused, "_MAX_JOINT_KEYS", 1)
+    _assert_matches_reference(_inputs((7, 6, 5), soft, masked=True, seed=7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "thresholds,table",
+    [
+        (QUBIQ_THRESHOLDS, True),
+        (tuple(i / 21 for i in range(1, 21)), True),
+        ((0.5,), False),
+        ((0.1, 0.35, 0.6), False),
+        ((0.1, 0.2, 0.3, 0.5, 0.5000001), False),  # cells small enough for one threshold each: too many
+        ((1e-30, 1e-20, 1e-10, 0.25, 0.75), True),
+    ],
+)
+def test_threshold_levels_equal_bucketize(thresholds, table, dtype):
+    """Levels from bit patterns (one comparison per threshold, or the table) count the thresholds strictly below
+    each value, also for values on, just above and just below every threshold, 0, -0.0, 1 and subnormals."""
+    edges = torch.tensor(thresholds, dtype=dtype)
+    special = torch.tensor([0.0, -0.0, 1.0, torch.finfo(dtype).tiny / 4, torch.finfo(dtype).tiny], dtype=dtype)
+    around = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
+    values = torch.cat([special, around, torch.rand(5000, generator=torch.Generator().manual_seed(0), dtype=dtype)])
+    levels = fused._levels(thresholds, dtype)
+    assert (levels.table is not None) == table
+    bits = fused._clean_bits(values, torch.empty(values.shape, dtype=levels.int_dtype))
+    out = levels.into(bits, torch.empty_like(bits), torch.empty_like(bits))
+    torch.testing.assert_close(out.long(), torch.bucketize(values, edges), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 5])
+def test_argmax_from_bit_patterns_keeps_the_first_of_ties(channels):
+    """Few distinct values (0, 1/4, ..., 1, and -0.0) make ties frequent; torch.argmax returns the first maximum."""
+    generator = torch.Generator().manual_seed(channels)
+    values = torch.randint(0, 5, (2, channels, 500), generator=generator).float() / 4
+    values[values == 0] = -0.0
+    bits = fused._clean_bits(values, torch.empty(values.shape, dtype=torch.int32))
+    work = fused._Work(values, values.shape[-1])
+    expected = values.argmax(1)
+    maximum, index = fused._argmax(bits, work, "test")
+    torch.testing.assert_close(index.long(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(maximum.view(torch.float32), values.amax(1).abs(), rtol=0, atol=0)
+    one_hot = fused._argmax_one_hot(bits, work)
+    expected_one_hot = torch.nn.functional.one_hot(expected, channels).movedim(-1, 1)
+    torch.testing.assert_close(one_hot.long(), expected_one_hot, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_excluded_voxels_may_hold_anything(soft, chunking):
+    """NaN, values outside [0, 1] and ignore labels in masked-out voxels change nothing."""
+    generator = torch.Generator().manual_seed(8)
+    shape = (2, 3, 6, 5, 4)
+    probs = torch.randn(shape, generator=generator).softmax(1)
+    target = torch.randn(shape, generator=generator).softmax(1) if soft else torch.randint(0, 3, (2, 6, 5, 4))
+    mask = torch.rand((2, 6, 5, 4), generator=generator) > 0.4
+    dirty_probs, dirty_target = probs.clone(), target.clone()
+    dirty_probs.movedim(1, -1)[~mask] = torch.tensor([float("nan"), 7.0, -1.0])
+    if soft:
+        dirty_target.movedim(1, -1)[~mask] = torch.tensor([float("nan"), 2.0, 0.0])
+    else:
+        dirty_target[~mask] = 255
+    options = {"n_bins": 10, "overlap": True, "thresholds": QUBIQ_THRESHOLDS}
+    clean = voxel_sums(prepare_inputs(probs, target, mask, simplex=True), **options)
+    dirty = voxel_sums(prepare_inputs(dirty_probs, dirty_target, mask, simplex=True), **options)
+    for name in ("top_label", "classwise", "squared_error", "nll"):
+        torch.testing.assert_close(getattr(dirty, name), getattr(clean, name), rtol=0, atol=0)
+    for name in ("tp", "fp", "fn", "pred_mass", "ref_mass", "abs_diff", "thr_tp", "thr_pred", "thr_ref"):
+        torch.testing.assert_close(getattr(dirty.overlap, name), getattr(clean.overlap, name), rtol=0, atol=0)
+
+
+def test_sums_stay_accurate_on_a_large_volume():
+    """2**22 voxels: the float32 sums over chunks, added in float64, stay within 1e-6 of the exact sums (float64
+    reference functions on the same values); the binned sums are float64 throughout (1e-12)."""
+    generator = torch.Generator().manual_seed(9)
+    n = 2**22
+    # multiples of 1/1024: exact in float32, and binned and thresholded the same in float32 and float64
+    foreground = torch.randint(0, 1025, (1, 1, 2048, n // 2048), generator=generator).float() / 1024
+    probs = torch.cat([1 - foreground, foreground], dim=1)
+    labels = (torch.rand(foreground[:, 0].shape, generator=generator) < foreground[:, 0]).long()
+    inputs, exact = prepare_inputs(probs, labels, simplex=True), prepare_inputs(probs.double(), labels, simplex=True)
+    sums = voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS)
+    torch.testing.assert_close(sums.top_label, top_label_bin_sums(exact, 10), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sums.classwise, classwise_bin_sums(exact, 10), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sums.squared_error, squared_error_sums(exact), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sums.nll, nll_sums(exact, 1e-7), rtol=1e-6, atol=0)
+    reference = overlap_sums(exact, QUBIQ_THRESHOLDS)
+    for name in ("tp", "fp", "fn", "ref_mass", "thr_tp", "thr_pred", "thr_ref"):
+        torch.testing.assert_close(getattr(sums.overlap, name), getattr(reference, name), rtol=0, atol=0)
+    for name in ("pred_mass", "abs_diff"):
+        torch.testing.assert_close(getattr(sums.overlap, name), getattr(reference, name), rtol=1e-6, atol=0)
 
 
 def test_no_host_synchronisation(monkeypatch):
@@ -219,3 +329,20 @@ def test_deferred_update_does_not_synchronise(deferred, monkeypatch):
     overlap.update(probs, labels, ["c", "d"])
     monkeypatch.undo()
     assert len(calibration._pending_checks) == 2
+
+
+def test_triton_kernel_takes_the_inputs_it_supports_on_cuda(monkeypatch):
+    """On CUDA the Triton kernel replaces the chunked torch code when it supports the inputs (here the CPU stands
+    in for CUDA and the kernel is a stub; the kernel itself is tested in test_fused_metrics_triton.py)."""
+    import medjdt.metrics.fused_triton as fused_triton
+
+    inputs = _inputs((6, 5, 4), soft=False, masked=True)
+    calls = []
+    monkeypatch.setattr(fused, "_TRITON_DEVICES", {"cpu"})
+    monkeypatch.setattr(fused_triton, "triton_voxel_sums", lambda inputs, **options: calls.append(options) or "kernel")
+    monkeypatch.setattr(fused_triton, "triton_supports", lambda inputs, thresholds: True)
+    assert voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS, unchecked=True) == "kernel"
+    assert calls == [{"n_bins": 10, "overlap": True, "thresholds": QUBIQ_THRESHOLDS, "eps": 1e-7, "unchecked": True}]
+    monkeypatch.setattr(fused_triton, "triton_supports", lambda inputs, thresholds: False)
+    torch.testing.assert_close(voxel_sums(inputs, n_bins=10).classwise, classwise_bin_sums(inputs, 10))
+    assert len(calls) == 1

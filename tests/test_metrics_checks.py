@@ -6,6 +6,7 @@ import torch
 from medjdt.metrics import (
     CalibrationMetrics,
     OverlapMetrics,
+    SegmentationMetrics,
     brier_score,
     dice,
     expected_calibration_error,
@@ -135,7 +136,7 @@ def test_bad_arguments():
         nll(probs, labels, eps=0)
 
 
-@pytest.mark.parametrize("cls", [CalibrationMetrics, OverlapMetrics])
+@pytest.mark.parametrize("cls", [CalibrationMetrics, OverlapMetrics, SegmentationMetrics])
 def test_streaming_input_errors_name_the_case(cls):
     probs, labels = _valid()
     metric = cls(num_classes=3)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from medjdt.metrics import CalibrationMetrics, OverlapMetrics
+from medjdt.metrics import CalibrationMetrics, OverlapMetrics, SegmentationMetrics
 
 CASES = ["case_a", "case_b", "case_c"]
 
@@ -27,15 +27,19 @@ def _chunk(tensors, part):
 
 
 def _metrics():
-    return CalibrationMetrics(num_classes=3), OverlapMetrics(num_classes=3, worst_percent=(10, 50))
+    return (
+        CalibrationMetrics(num_classes=3),
+        OverlapMetrics(num_classes=3, worst_percent=(10, 50)),
+        SegmentationMetrics(num_classes=3, worst_percent=(10, 50)),
+    )
 
 
 def _results(metrics):
     out = {}
-    for metric in metrics:
-        out.update({key: value.item() for key, value in metric.compute().items()})
+    for index, metric in enumerate(metrics):
+        out.update({f"{index}:{key}": value.item() for key, value in metric.compute().items()})
     tables = [metric.per_case() for metric in metrics]
-    bins = metrics[0].reliability()
+    bins = [metrics[0].reliability(), metrics[2].reliability()]
     return out, tables, bins
 
 
@@ -85,4 +89,5 @@ def test_two_gloo_processes_equal_single_process(tmp_path):
             for table, expected_table in zip(tables, expected_tables):
                 assert list(table["case_id"]) == CASES
                 pd.testing.assert_frame_equal(table, expected_table, rtol=1e-6)
-            pd.testing.assert_frame_equal(bins, expected_bins, rtol=1e-6)
+            for frame, expected_frame in zip(bins, expected_bins):
+                pd.testing.assert_frame_equal(frame, expected_frame, rtol=1e-6)

@@ -141,7 +141,9 @@ def test_pooled_calibration_equals_functional_on_all_voxels(volumes):
     torch.testing.assert_close(out["ece_classwise"], classwise.mean())
     torch.testing.assert_close(out["ece_classwise/2"], classwise[2])
     torch.testing.assert_close(out["brier"], brier_score(p, t, mask=m)[0].double())
-    torch.testing.assert_close(out["nll"], nll(p, t, mask=m)[0].double())
+    # The functional NLL is a float32 result (its own rounding ~1e-7 relative), the streaming one float32 logs
+    # summed in float64: they agree to float32 resolution.
+    torch.testing.assert_close(out["nll"], nll(p, t, mask=m)[0].double(), rtol=1e-6, atol=1e-7)
     per_case = metric.per_case()
     for key in ("ece", "brier", "nll"):
         assert out[f"{key}_I"].item() == pytest.approx(per_case[key].mean())

@@ -47,6 +47,19 @@ def describe_images(indices: Sequence[int], case_ids: Sequence[str] | None) -> s
     return "image(s) " + ", ".join(f"{i} (case {case_ids[i]!r})" for i in indices)
 
 
+def _replace_excluded(values: Tensor, keep: Tensor, fill: float) -> Tensor:
+    """A copy of the float32/float64 ``values`` holding ``fill`` where ``keep`` (broadcastable bool) is False.
+
+    Works on the bit patterns, ``bits * keep + bits(fill) * ~keep``: exact whatever the excluded values are (NaN
+    too), and several times faster on CPUs than ``torch.where``.
+    """
+    int_dtype = torch.int32 if values.dtype == torch.float32 else torch.int64
+    fill_bits = torch.tensor(fill, dtype=values.dtype).view(int_dtype).item()
+    keep = keep.to(int_dtype)  # integer products: a bool operand would be converted element by element
+    bits = values.view(int_dtype) * keep
+    return bits.add_(keep.sub_(1).mul_(-fill_bits)).view(values.dtype)
+
+
 def _bad_images(flags: Tensor) -> list[int]:
     """Batch indices where a per-voxel boolean flag tensor ``(B, ...)`` is True anywhere."""
     return torch.nonzero(flags.flatten(1).any(1)).flatten().tolist()
@@ -202,9 +215,9 @@ def prepare_inputs(
         # Excluded voxels may hold anything (padding, ignore labels, NaN): replace them by neutral valid values so
         # they cannot break the checks or the index arithmetic; every metric also drops them explicitly.
         uniform = 1.0 / num_classes
-        flat_probs = torch.where(flat_mask[:, None], flat_probs, uniform)
+        flat_probs = _replace_excluded(flat_probs, flat_mask[:, None], uniform)
         if soft:
-            flat_target = torch.where(flat_mask[:, None], flat_target, uniform)
+            flat_target = _replace_excluded(flat_target, flat_mask[:, None], uniform)
         else:
             flat_target = torch.where(flat_mask, flat_target, 0)
 
@@ -255,12 +268,17 @@ def _image_stats(inputs: MetricInputs, simplex: bool) -> Tensor:
     target and (soft) of its class sums.
     """
     batch = inputs.probs.shape[0]
-    columns = list(torch.aminmax(inputs.probs.reshape(batch, -1), dim=1))
+
+    def extremes(x: Tensor) -> list[Tensor]:
+        flat = x.reshape(batch, -1)
+        return [flat.amin(1), flat.amax(1)]  # torch.aminmax(dim=1) is several times slower on CPUs
+
+    columns = extremes(inputs.probs)
     if simplex:
-        columns += list(torch.aminmax(inputs.probs.sum(1), dim=1))
-    columns += list(torch.aminmax(inputs.target.reshape(batch, -1), dim=1))
+        columns += extremes(inputs.probs.sum(1))
+    columns += extremes(inputs.target)
     if inputs.soft:
-        columns += list(torch.aminmax(inputs.target.sum(1), dim=1))
+        columns += extremes(inputs.target.sum(1))
     return torch.stack([c.double() for c in columns], dim=1)
 
 

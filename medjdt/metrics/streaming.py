@@ -1,6 +1,7 @@
 """Streaming metric objects: accumulate sums over chunks, cases and DDP ranks, then aggregate.
 
-Both classes keep two kinds of state, all float64 sums:
+:class:`CalibrationMetrics` (ECE, Brier, NLL), :class:`OverlapMetrics` (Dice, IoU, soft and thresholded Dice) and
+:class:`SegmentationMetrics` (both, from one pass over every batch) keep two kinds of state, all float64 sums:
 
 * ``totals``: the pooled sums over every voxel seen, O(bins x classes), reduced with ``"sum"`` under DDP;
 * ``case_names`` / ``case_stats``: one row of the same sums per case, gathered with ``"cat"`` under DDP.
@@ -25,7 +26,6 @@ the last batch) is counted twice in the pooled values; use a sampler that does n
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
 from collections.abc import Sequence
 
 import pandas as pd
@@ -55,7 +55,7 @@ from medjdt.metrics.overlap import (
     thresholded_dice_from_sums,
 )
 
-__all__ = ["CalibrationMetrics", "OverlapMetrics"]
+__all__ = ["CalibrationMetrics", "OverlapMetrics", "SegmentationMetrics"]
 
 # Merging per-case rows costs O(rows); merging once the unmerged rows outnumber the merged ones keeps the total
 # cost linear in the number of updates.
@@ -91,8 +91,212 @@ def _worst_mean(scores: Tensor, percent: float) -> Tensor:
     return valid.sort().values[:k].mean()
 
 
+class _CalibrationPart:
+    """Calibration statistics of one image as a float64 row, and the metrics computed from summed rows.
+
+    Row layout: top-label bins (3, M) | classwise bins (3, C, M) | squared error sum | NLL sum.
+    """
+
+    simplex = True  # top-label calibration, Brier and NLL need probabilities summing to 1
+
+    def __init__(
+        self, num_classes: int, class_names: list[str], n_bins: int, norm: str, include_background: bool, eps: float
+    ) -> None:
+        self.num_classes, self.class_names = num_classes, class_names
+        self.n_bins = check_n_bins(n_bins)
+        self.norm = check_choice("norm", norm, NORMS)
+        if not 0 < eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {eps!r}.")
+        self.eps = eps
+        self.include_background = include_background
+        self.size = 3 * n_bins * (1 + num_classes) + 2
+        self.sum_options = {"n_bins": n_bins, "eps": eps}
+
+    def rows(self, sums: VoxelSums) -> Tensor:
+        """Per-image rows ``(B, size)`` from the sums of a batch."""
+        batch = sums.squared_error.shape[0]
+        return torch.cat(
+            [
+                sums.top_label.transpose(0, 1).reshape(batch, -1),
+                sums.classwise.transpose(0, 1).reshape(batch, -1),
+                sums.squared_error[:, None],
+                sums.nll[:, None],
+            ],
+            dim=1,
+        )
+
+    def _split(self, stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Stats ``(..., S)`` to top bins ``(3, ..., M)``, classwise ``(3, ..., C', M)``, sq. error, NLL sums."""
+        m, c = self.n_bins, self.num_classes
+        top = stats[..., : 3 * m].unflatten(-1, (3, m)).movedim(-2, 0)
+        classwise = stats[..., 3 * m : 3 * m * (1 + c)].unflatten(-1, (3, c, m)).movedim(-3, 0)
+        if not self.include_background:
+            classwise = classwise[..., 1:, :]
+        return top, classwise, stats[..., -2], stats[..., -1]
+
+    def _values(self, stats: Tensor) -> dict[str, Tensor]:
+        top, classwise, squared_error, nll = self._split(stats)
+        n_voxels = top[0].sum(-1)
+        return {
+            "ece": calibration_error_from_sums(top, self.norm),
+            "ece_classwise": calibration_error_from_sums(classwise, self.norm),  # (..., C')
+            "brier": squared_error / n_voxels,
+            "nll": nll / n_voxels,
+            "n_voxels": n_voxels,
+        }
+
+    def _class_names(self) -> list[str]:
+        return self.class_names if self.include_background else self.class_names[1:]
+
+    def compute(self, totals: Tensor, cases: Tensor) -> dict[str, Tensor]:
+        """Pooled values from ``totals`` ``(S,)`` and per-case means from ``cases`` ``(K, S)``."""
+        pooled = self._values(totals)
+        per_case = self._values(cases)
+        out = {
+            "ece": pooled["ece"],
+            "ece_classwise": _nanmean(pooled["ece_classwise"]),
+            "brier": pooled["brier"],
+            "nll": pooled["nll"],
+            "ece_I": _nanmean(per_case["ece"]),
+            "ece_classwise_I": _nanmean(_nanmean(per_case["ece_classwise"], dim=-1)),
+            "brier_I": _nanmean(per_case["brier"]),
+            "nll_I": _nanmean(per_case["nll"]),
+        }
+        for name, value in zip(self._class_names(), pooled["ece_classwise"]):
+            out[f"ece_classwise/{name}"] = value
+        return out
+
+    def case_columns(self, stats: Tensor) -> dict[str, Tensor]:
+        """Per-case columns (name -> ``(K,)``) from per-case stats ``(K, S)``."""
+        values = self._values(stats)
+        columns = {
+            "ece": values["ece"],
+            "ece_classwise": _nanmean(values["ece_classwise"], dim=-1),
+            "brier": values["brier"],
+            "nll": values["nll"],
+            "n_voxels": values["n_voxels"],
+        }
+        for c, name in enumerate(self._class_names()):
+            columns[f"ece_classwise/{name}"] = values["ece_classwise"][:, c]
+        return columns
+
+    def reliability(self, totals: Tensor, kind: str) -> pd.DataFrame:
+        """Reliability-diagram bins of ``kind`` from the pooled ``totals`` ``(S,)``."""
+        top, classwise, _, _ = self._split(totals)
+        bins = reliability_from_sums(top if kind == "top_label" else classwise)
+        edges = torch.linspace(0, 1, self.n_bins + 1, dtype=torch.float64)
+        frame = pd.DataFrame(
+            {
+                "bin_lower": edges[:-1].repeat(bins.count.numel() // self.n_bins).numpy(),
+                "bin_upper": edges[1:].repeat(bins.count.numel() // self.n_bins).numpy(),
+                "count": bins.count.flatten().cpu().numpy(),
+                "confidence": bins.confidence.flatten().cpu().numpy(),
+                "accuracy": bins.accuracy.flatten().cpu().numpy(),
+            }
+        )
+        if kind == "classwise":
+            frame.insert(0, "class", [name for name in self._class_names() for _ in range(self.n_bins)])
+        return frame
+
+
+_OVERLAP_METRICS = ("dice", "iou", "soft_dice", "thresholded_dice")
+
+
+class _OverlapPart:
+    """Overlap statistics of one image as a float64 row, and the metrics computed from summed rows.
+
+    Row layout: per class [tp, fp, fn, |x|, |y|, |x - y|, thr_tp (T), thr_pred (T), thr_ref (T)].
+    """
+
+    simplex = False  # overlap metrics accept probabilities that do not sum to 1
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str],
+        include_background: bool,
+        empty: str,
+        thresholds: Sequence[float],
+        worst_percent: Sequence[float],
+    ) -> None:
+        self.num_classes, self.class_names = num_classes, class_names
+        self.include_background = include_background
+        self.empty = check_choice("empty", empty, EMPTY_RULES)
+        self.thresholds = check_thresholds(thresholds)
+        self.worst_percent = tuple(float(q) for q in worst_percent)
+        if any(not 0 < q <= 100 for q in self.worst_percent):
+            raise ValueError(f"worst_percent values must be in (0, 100], got {worst_percent!r}.")
+        self._per_class = 6 + 3 * len(self.thresholds)
+        self.size = num_classes * self._per_class
+        self.sum_options = {"overlap": True, "thresholds": self.thresholds}
+
+    def rows(self, sums: VoxelSums) -> Tensor:
+        """Per-image rows ``(B, size)`` from the sums of a batch."""
+        overlap = sums.overlap
+        per_class = [overlap.tp, overlap.fp, overlap.fn, overlap.pred_mass, overlap.ref_mass, overlap.abs_diff]
+        stats = torch.cat(
+            [torch.stack(per_class, dim=-1), overlap.thr_tp, overlap.thr_pred, overlap.thr_ref], dim=-1
+        )  # (B, C, per_class)
+        return stats.flatten(1)
+
+    def _scores(self, stats: Tensor) -> dict[str, Tensor]:
+        """Per-class scores ``(..., C')`` of every metric from stats ``(..., S)``."""
+        per_class = stats.unflatten(-1, (self.num_classes, self._per_class))
+        if not self.include_background:
+            per_class = per_class[..., 1:, :]
+        n_thr = len(self.thresholds)
+        tp, fp, fn, pred_mass, ref_mass, abs_diff = per_class[..., :6].unbind(-1)
+        thr = per_class[..., 6:].unflatten(-1, (3, n_thr))
+        return {
+            "dice": dice_from_sums(tp, fp, fn, self.empty),
+            "iou": iou_from_sums(tp, fp, fn, self.empty),
+            "soft_dice": soft_dice_from_sums(pred_mass, ref_mass, abs_diff, self.empty),
+            "thresholded_dice": thresholded_dice_from_sums(thr[..., 0, :], thr[..., 1, :], thr[..., 2, :], self.empty),
+        }
+
+    def _class_names(self) -> list[str]:
+        return self.class_names if self.include_background else self.class_names[1:]
+
+    def compute(self, totals: Tensor, cases: Tensor) -> dict[str, Tensor]:
+        """Dataset (D), image (I), class (C) and worst-case aggregates from ``totals`` ``(S,)`` and ``cases``
+        ``(K, S)``."""
+        pooled = self._scores(totals)
+        scores = self._scores(cases)
+        out: dict[str, Tensor] = {}
+        for metric in _OVERLAP_METRICS:
+            per_case = _nanmean(scores[metric], dim=-1)  # (K,)
+            per_class = _nanmean(scores[metric], dim=0)  # (C',)
+            out[metric] = _nanmean(per_case)
+            out[f"{metric}_D"] = _nanmean(pooled[metric])
+            out[f"{metric}_I"] = out[metric]
+            out[f"{metric}_C"] = _nanmean(per_class)
+            for q in self.worst_percent:
+                out[f"{metric}_worst{q:g}"] = _worst_mean(per_case, q)
+            for name, value in zip(self._class_names(), per_class):
+                out[f"{metric}/{name}"] = value
+        return out
+
+    def case_columns(self, stats: Tensor) -> dict[str, Tensor]:
+        """Per-case columns (name -> ``(K,)``) from per-case stats ``(K, S)``."""
+        scores = self._scores(stats)
+        per_class = stats.unflatten(-1, (self.num_classes, self._per_class))
+        columns = {"n_voxels": per_class[..., 0].sum(-1) + per_class[..., 1].sum(-1)}  # every voxel: TP or FP once
+        for metric in _OVERLAP_METRICS:
+            columns[metric] = _nanmean(scores[metric], dim=-1)
+            for c, name in enumerate(self._class_names()):
+                columns[f"{metric}/{name}"] = scores[metric][:, c]
+        return columns
+
+
+_Part = _CalibrationPart | _OverlapPart
+
+
 class _PerCaseMetric(Metric):
-    """Shared machinery: pooled ``totals`` plus per-case rows keyed by case id."""
+    """Shared machinery: pooled ``totals`` plus per-case rows keyed by case id.
+
+    A row is the concatenation of the rows of the metric's parts (calibration and/or overlap); every batch is
+    summed for all parts in one :func:`~medjdt.metrics.fused.voxel_sums` call.
+    """
 
     full_state_update = False
     is_differentiable = False
@@ -100,12 +304,16 @@ class _PerCaseMetric(Metric):
     # Devices whose inputs are value-checked inside update(); elsewhere the checks run before the results.
     _CHECK_NOW_DEVICES = ("cpu",)
 
-    def __init__(self, num_classes: int, class_names: Sequence[str] | None, n_stats: int, **kwargs) -> None:
+    def __init__(self, num_classes: int, class_names: list[str], parts: Sequence[_Part], **kwargs) -> None:
         super().__init__(**kwargs)
-        self.class_names = _check_class_names(_check_num_classes(num_classes), class_names)
-        self.num_classes = num_classes
-        self._n_stats = n_stats
-        self.add_state("totals", default=torch.zeros(n_stats, dtype=torch.float64), dist_reduce_fx="sum")
+        self.num_classes, self.class_names = num_classes, class_names
+        self._parts = tuple(parts)
+        starts = [sum(part.size for part in self._parts[:i]) for i in range(len(self._parts))]
+        self._columns = [slice(start, start + part.size) for start, part in zip(starts, self._parts)]
+        self._n_stats = sum(part.size for part in self._parts)
+        self._simplex = any(part.simplex for part in self._parts)
+        self._sum_options = {key: value for part in self._parts for key, value in part.sum_options.items()}
+        self.add_state("totals", default=torch.zeros(self._n_stats, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("case_names", default=[], dist_reduce_fx="cat")
         self.add_state("case_stats", default=[], dist_reduce_fx="cat")
         self._n_auto_ids = 0
@@ -117,6 +325,23 @@ class _PerCaseMetric(Metric):
         # A rank that saw no data must still contribute 2-D tensors to the gather, not torchmetrics' 1-D default.
         self.case_names.append(torch.zeros(0, CASE_ID_BYTES, dtype=torch.uint8, device=self.device))
         self.case_stats.append(torch.zeros(0, self._n_stats, dtype=torch.float64, device=self.device))
+
+    def update(
+        self, probs: Tensor, target: Tensor, case_ids: Sequence[str] | None = None, mask: Tensor | None = None
+    ) -> None:
+        """Accumulate one batch or one chunk of cases (shapes in the class docstring)."""
+        inputs, ids, unchecked = self._prepare(probs, target, case_ids, mask)
+        sums = voxel_sums(inputs, **self._sum_options, unchecked=unchecked)
+        self._add_rows(ids, torch.cat([part.rows(sums) for part in self._parts], dim=1))
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every metric value of the parts (keys in the class docstring)."""
+        self._check_pending()
+        _, stats = self._cases()
+        out = {}
+        for part, columns in zip(self._parts, self._columns):
+            out.update(part.compute(self.totals[columns], stats[:, columns]))
+        return out
 
     def reset(self) -> None:
         """Clear all accumulated sums and cases.
@@ -157,14 +382,14 @@ class _PerCaseMetric(Metric):
         self._n_auto_ids += batch
         return ids
 
-    def _prepare(self, probs, target, case_ids, mask, *, simplex: bool) -> tuple[MetricInputs, list[str], bool]:
-        """Validated inputs, case ids and whether the value checks were deferred.
+    def _prepare(self, probs, target, case_ids, mask) -> tuple[MetricInputs, list[str], bool]:
+        """Validated inputs, case ids and whether the value checks were deferred (then they are pending).
 
         Off the devices in ``_CHECK_NOW_DEVICES`` the value checks are deferred (see :meth:`_check_pending`):
         reading them back now would wait for the device on every batch.
         """
         defer = isinstance(probs, Tensor) and probs.device.type not in self._CHECK_NOW_DEVICES
-        prepared = prepare_inputs(probs, target, mask, simplex=simplex, case_ids=case_ids, defer=defer)
+        prepared = prepare_inputs(probs, target, mask, simplex=self._simplex, case_ids=case_ids, defer=defer)
         if defer:
             inputs, pending = prepared
             self._pending_checks.append(pending)
@@ -214,12 +439,20 @@ class _PerCaseMetric(Metric):
         self._check_pending()
         with self._synced():
             case_ids, stats = self._cases()
-        columns = {name: values.cpu().numpy() for name, values in self._case_columns(stats).items()}
-        return pd.DataFrame({"case_id": case_ids, **columns})
+        columns: dict[str, Tensor] = {}
+        for part, part_columns in zip(self._parts, self._columns):
+            for name, values in part.case_columns(stats[:, part_columns]).items():
+                columns.setdefault(name, values)  # n_voxels: the same in every part
+        return pd.DataFrame({"case_id": case_ids, **{name: v.cpu().numpy() for name, v in columns.items()}})
 
-    @abstractmethod
-    def _case_columns(self, stats: Tensor) -> dict[str, Tensor]:
-        """Per-case columns (name -> ``(K,)`` tensor) from per-case stats ``(K, S)``."""
+    def _reliability(self, kind: str) -> pd.DataFrame:
+        """Pooled reliability-diagram bins of the calibration part (synced over DDP)."""
+        check_choice("kind", kind, ("top_label", "classwise"))
+        self._check_pending()
+        with self._synced():
+            totals = self.totals.clone()
+        part, columns = next((p, c) for p, c in zip(self._parts, self._columns) if isinstance(p, _CalibrationPart))
+        return part.reliability(totals[columns], kind)
 
 
 class CalibrationMetrics(_PerCaseMetric):
@@ -262,92 +495,10 @@ class CalibrationMetrics(_PerCaseMetric):
         eps: float = 1e-7,
         **kwargs,
     ) -> None:
-        _check_num_classes(num_classes)
-        self.n_bins = check_n_bins(n_bins)
-        self.norm = check_choice("norm", norm, NORMS)
-        if not 0 < eps < 1:
-            raise ValueError(f"eps must be in (0, 1), got {eps!r}.")
-        self.eps = eps
-        self.include_background = include_background
-        # Row layout: top-label bins (3, M) | classwise bins (3, C, M) | squared error sum | NLL sum
-        super().__init__(num_classes, class_names, 3 * n_bins * (1 + num_classes) + 2, **kwargs)
-
-    def update(
-        self, probs: Tensor, target: Tensor, case_ids: Sequence[str] | None = None, mask: Tensor | None = None
-    ) -> None:
-        """Accumulate one batch or one chunk of cases (shapes in the class docstring)."""
-        inputs, ids, unchecked = self._prepare(probs, target, case_ids, mask, simplex=True)
-        sums = voxel_sums(inputs, n_bins=self.n_bins, eps=self.eps, unchecked=unchecked)
-        self._add_rows(ids, self._stats(sums))
-
-    def _stats(self, sums: VoxelSums) -> Tensor:
-        """Per-image stats rows ``(B, S)`` in the layout of ``_split``."""
-        batch = sums.squared_error.shape[0]
-        return torch.cat(
-            [
-                sums.top_label.transpose(0, 1).reshape(batch, -1),
-                sums.classwise.transpose(0, 1).reshape(batch, -1),
-                sums.squared_error[:, None],
-                sums.nll[:, None],
-            ],
-            dim=1,
-        )
-
-    def _split(self, stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Stats ``(..., S)`` to top bins ``(3, ..., M)``, classwise ``(3, ..., C', M)``, sq. error, NLL sums."""
-        m, c = self.n_bins, self.num_classes
-        top = stats[..., : 3 * m].unflatten(-1, (3, m)).movedim(-2, 0)
-        classwise = stats[..., 3 * m : 3 * m * (1 + c)].unflatten(-1, (3, c, m)).movedim(-3, 0)
-        if not self.include_background:
-            classwise = classwise[..., 1:, :]
-        return top, classwise, stats[..., -2], stats[..., -1]
-
-    def _metric_values(self, stats: Tensor) -> dict[str, Tensor]:
-        top, classwise, squared_error, nll = self._split(stats)
-        n_voxels = top[0].sum(-1)
-        return {
-            "ece": calibration_error_from_sums(top, self.norm),
-            "ece_classwise": calibration_error_from_sums(classwise, self.norm),  # (..., C')
-            "brier": squared_error / n_voxels,
-            "nll": nll / n_voxels,
-            "n_voxels": n_voxels,
-        }
-
-    def _class_names(self) -> list[str]:
-        return self.class_names if self.include_background else self.class_names[1:]
-
-    def compute(self) -> dict[str, Tensor]:
-        """Pooled and per-case-mean calibration values (keys in the class docstring)."""
-        self._check_pending()
-        pooled = self._metric_values(self.totals)
-        _, stats = self._cases()
-        cases = self._metric_values(stats)
-        out = {
-            "ece": pooled["ece"],
-            "ece_classwise": _nanmean(pooled["ece_classwise"]),
-            "brier": pooled["brier"],
-            "nll": pooled["nll"],
-            "ece_I": _nanmean(cases["ece"]),
-            "ece_classwise_I": _nanmean(_nanmean(cases["ece_classwise"], dim=-1)),
-            "brier_I": _nanmean(cases["brier"]),
-            "nll_I": _nanmean(cases["nll"]),
-        }
-        for name, value in zip(self._class_names(), pooled["ece_classwise"]):
-            out[f"ece_classwise/{name}"] = value
-        return out
-
-    def _case_columns(self, stats: Tensor) -> dict[str, Tensor]:
-        values = self._metric_values(stats)
-        columns = {
-            "ece": values["ece"],
-            "ece_classwise": _nanmean(values["ece_classwise"], dim=-1),
-            "brier": values["brier"],
-            "nll": values["nll"],
-            "n_voxels": values["n_voxels"],
-        }
-        for c, name in enumerate(self._class_names()):
-            columns[f"ece_classwise/{name}"] = values["ece_classwise"][:, c]
-        return columns
+        names = _check_class_names(_check_num_classes(num_classes), class_names)
+        part = _CalibrationPart(num_classes, names, n_bins, norm, include_background, eps)
+        self.n_bins, self.norm, self.include_background, self.eps = n_bins, norm, include_background, eps
+        super().__init__(num_classes, names, [part], **kwargs)
 
     def reliability(self, kind: str = "top_label") -> pd.DataFrame:
         """Pooled reliability-diagram bins over every voxel seen (synced over DDP).
@@ -360,27 +511,7 @@ class CalibrationMetrics(_PerCaseMetric):
             DataFrame with columns ``bin_lower``, ``bin_upper``, ``count``, ``confidence`` (mean predicted
             probability) and ``accuracy`` (mean reference probability); the means are NaN in empty bins.
         """
-        check_choice("kind", kind, ("top_label", "classwise"))
-        self._check_pending()
-        with self._synced():
-            top, classwise, _, _ = self._split(self.totals.clone())
-        bins = reliability_from_sums(top if kind == "top_label" else classwise)
-        edges = torch.linspace(0, 1, self.n_bins + 1, dtype=torch.float64)
-        frame = pd.DataFrame(
-            {
-                "bin_lower": edges[:-1].repeat(bins.count.numel() // self.n_bins).numpy(),
-                "bin_upper": edges[1:].repeat(bins.count.numel() // self.n_bins).numpy(),
-                "count": bins.count.flatten().cpu().numpy(),
-                "confidence": bins.confidence.flatten().cpu().numpy(),
-                "accuracy": bins.accuracy.flatten().cpu().numpy(),
-            }
-        )
-        if kind == "classwise":
-            frame.insert(0, "class", [name for name in self._class_names() for _ in range(self.n_bins)])
-        return frame
-
-
-_OVERLAP_METRICS = ("dice", "iou", "soft_dice", "thresholded_dice")
+        return self._reliability(kind)
 
 
 class OverlapMetrics(_PerCaseMetric):
@@ -424,78 +555,63 @@ class OverlapMetrics(_PerCaseMetric):
         worst_percent: Sequence[float] = (10.0,),
         **kwargs,
     ) -> None:
-        _check_num_classes(num_classes)
-        self.include_background = include_background
-        self.empty = check_choice("empty", empty, EMPTY_RULES)
-        self.thresholds = check_thresholds(thresholds)
-        self.worst_percent = tuple(float(q) for q in worst_percent)
-        if any(not 0 < q <= 100 for q in self.worst_percent):
-            raise ValueError(f"worst_percent values must be in (0, 100], got {worst_percent!r}.")
-        # Row layout: per class [tp, fp, fn, |x|, |y|, |x - y|, thr_tp (T), thr_pred (T), thr_ref (T)]
-        self._per_class = 6 + 3 * len(self.thresholds)
-        super().__init__(num_classes, class_names, num_classes * self._per_class, **kwargs)
+        names = _check_class_names(_check_num_classes(num_classes), class_names)
+        part = _OverlapPart(num_classes, names, include_background, empty, thresholds, worst_percent)
+        self.include_background, self.empty = include_background, part.empty
+        self.thresholds, self.worst_percent = part.thresholds, part.worst_percent
+        super().__init__(num_classes, names, [part], **kwargs)
 
-    def update(
-        self, probs: Tensor, target: Tensor, case_ids: Sequence[str] | None = None, mask: Tensor | None = None
+
+class SegmentationMetrics(_PerCaseMetric):
+    """Overlap and calibration metrics of the same predictions, summed in one pass over the voxels per batch.
+
+    Computes everything :class:`OverlapMetrics` and :class:`CalibrationMetrics` compute, with the same values,
+    but each batch is validated once and summed for both in one :func:`~medjdt.metrics.fused.voxel_sums` call
+    (about half the time of updating the two objects), and one state is synchronised under DDP.
+
+    Args:
+        num_classes: number of classes C (>= 2).
+        n_bins: number of equal-width calibration bins M.
+        norm: calibration error norm, ``"l1"`` (ECE), ``"l2"`` (RMS calibration error) or ``"max"``.
+        include_background: whether the overlap metrics score class 0 (default False).
+        calibration_background: whether classwise ECE includes class 0 (default True).
+        class_names: C names used in output keys; default ``"0"``, ``"1"``, ...
+        empty: overlap "both empty" rule, ``"nan"``, ``"one"`` or ``"zero"``.
+        thresholds: thresholds of the thresholded Dice, default (0.1, ..., 0.9).
+        worst_percent: the q values of the worst-case overlap aggregates.
+        eps: floor for probabilities inside the log of the NLL.
+        **kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``, ...).
+
+    ``update(probs, target, case_ids=None, mask=None)``: probs ``(B, C, *spatial)`` summing to 1 over C, target
+    hard ``(B, *spatial)`` int or soft ``(B, C, *spatial)``, case_ids B strings, mask ``(B, *spatial)`` bool.
+
+    ``compute()`` returns the keys of :meth:`OverlapMetrics.compute` and of :meth:`CalibrationMetrics.compute`
+    (no key is shared). ``per_case()`` has the columns ``case_id``, ``n_voxels``, the overlap columns, then the
+    calibration columns (as in the two objects). ``reliability(kind)`` as :meth:`CalibrationMetrics.reliability`.
+
+    Raises:
+        ValueError: on bad arguments, or in ``update`` on bad inputs (shape, NaN, range, sums, labels, case ids).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        n_bins: int = 10,
+        norm: str = "l1",
+        include_background: bool = False,
+        calibration_background: bool = True,
+        class_names: Sequence[str] | None = None,
+        empty: str = "nan",
+        thresholds: Sequence[float] = QUBIQ_THRESHOLDS,
+        worst_percent: Sequence[float] = (10.0,),
+        eps: float = 1e-7,
+        **kwargs,
     ) -> None:
-        """Accumulate one batch or one chunk of cases (shapes in the class docstring)."""
-        inputs, ids, unchecked = self._prepare(probs, target, case_ids, mask, simplex=False)
-        sums = voxel_sums(inputs, overlap=True, thresholds=self.thresholds, unchecked=unchecked)
-        self._add_rows(ids, self._stats(sums))
+        names = _check_class_names(_check_num_classes(num_classes), class_names)
+        overlap = _OverlapPart(num_classes, names, include_background, empty, thresholds, worst_percent)
+        calibration = _CalibrationPart(num_classes, names, n_bins, norm, calibration_background, eps)
+        super().__init__(num_classes, names, [overlap, calibration], **kwargs)
 
-    def _stats(self, sums: VoxelSums) -> Tensor:
-        """Per-image stats rows ``(B, S)``: per class the layout described in ``__init__``."""
-        overlap = sums.overlap
-        per_class = [overlap.tp, overlap.fp, overlap.fn, overlap.pred_mass, overlap.ref_mass, overlap.abs_diff]
-        stats = torch.cat(
-            [torch.stack(per_class, dim=-1), overlap.thr_tp, overlap.thr_pred, overlap.thr_ref], dim=-1
-        )  # (B, C, per_class)
-        return stats.flatten(1)
-
-    def _scores(self, stats: Tensor) -> dict[str, Tensor]:
-        """Per-class scores ``(..., C')`` of every metric from stats ``(..., S)``."""
-        per_class = stats.unflatten(-1, (self.num_classes, self._per_class))
-        if not self.include_background:
-            per_class = per_class[..., 1:, :]
-        n_thr = len(self.thresholds)
-        tp, fp, fn, pred_mass, ref_mass, abs_diff = per_class[..., :6].unbind(-1)
-        thr = per_class[..., 6:].unflatten(-1, (3, n_thr))
-        return {
-            "dice": dice_from_sums(tp, fp, fn, self.empty),
-            "iou": iou_from_sums(tp, fp, fn, self.empty),
-            "soft_dice": soft_dice_from_sums(pred_mass, ref_mass, abs_diff, self.empty),
-            "thresholded_dice": thresholded_dice_from_sums(thr[..., 0, :], thr[..., 1, :], thr[..., 2, :], self.empty),
-        }
-
-    def _class_names(self) -> list[str]:
-        return self.class_names if self.include_background else self.class_names[1:]
-
-    def compute(self) -> dict[str, Tensor]:
-        """Dataset (D), image (I), class (C) and worst-case aggregates of every metric (keys in the docstring)."""
-        self._check_pending()
-        pooled = self._scores(self.totals)
-        _, stats = self._cases()
-        cases = self._scores(stats)
-        out: dict[str, Tensor] = {}
-        for metric in _OVERLAP_METRICS:
-            per_case = _nanmean(cases[metric], dim=-1)  # (K,)
-            per_class = _nanmean(cases[metric], dim=0)  # (C',)
-            out[metric] = _nanmean(per_case)
-            out[f"{metric}_D"] = _nanmean(pooled[metric])
-            out[f"{metric}_I"] = out[metric]
-            out[f"{metric}_C"] = _nanmean(per_class)
-            for q in self.worst_percent:
-                out[f"{metric}_worst{q:g}"] = _worst_mean(per_case, q)
-            for name, value in zip(self._class_names(), per_class):
-                out[f"{metric}/{name}"] = value
-        return out
-
-    def _case_columns(self, stats: Tensor) -> dict[str, Tensor]:
-        scores = self._scores(stats)
-        per_class = stats.unflatten(-1, (self.num_classes, self._per_class))
-        columns = {"n_voxels": per_class[..., 0].sum(-1) + per_class[..., 1].sum(-1)}  # every voxel: TP or FP once
-        for metric in _OVERLAP_METRICS:
-            columns[metric] = _nanmean(scores[metric], dim=-1)
-            for c, name in enumerate(self._class_names()):
-                columns[f"{metric}/{name}"] = scores[metric][:, c]
-        return columns
+    def reliability(self, kind: str = "top_label") -> pd.DataFrame:
+        """Pooled reliability-diagram bins over every voxel seen, as :meth:`CalibrationMetrics.reliability`."""
+        return self._reliability(kind)

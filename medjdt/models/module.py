@@ -39,7 +39,7 @@ from monai.inferers import sliding_window_inference
 from medjdt.data.atomic import atomic_write
 from medjdt.labels import fuse
 from medjdt.losses import DiceSemimetricLoss, SegmentationLoss, SoftTargetCrossEntropy
-from medjdt.metrics import CalibrationMetrics, OverlapMetrics
+from medjdt.metrics import SegmentationMetrics
 from medjdt.models.networks import build_network, deep_supervision_heads, network_channels
 from medjdt.models.schedules import Schedule, lr_factor
 from medjdt.models.specs import instantiate
@@ -135,21 +135,17 @@ class SegmentationModule(pl.LightningModule):
         # The teacher is kept outside the module tree: it is frozen, not part of the student's checkpoint,
         # and moved to the student's device on first use.
         self._teacher: tuple[torch.nn.Module, ...] = ()
+        self._kd_ce: SoftTargetCrossEntropy | None = None
         if self.teacher_spec is not None:
             self._teacher = (load_teacher(self.teacher_spec.checkpoint, self.num_classes, self.in_channels),)
             self._kd_ce = SoftTargetCrossEntropy()
         self._metrics: dict[str, torch.nn.ModuleDict] = {}
         for stage in ("val", "test"):
+            # one object per reference: calibration and overlap are summed in one pass over each volume
             metrics = torch.nn.ModuleDict(
                 {
-                    "overlap_majority": OverlapMetrics(self.num_classes, class_names=self.class_names),
-                    "overlap_mean": OverlapMetrics(self.num_classes, class_names=self.class_names),
-                    "calibration_mean": CalibrationMetrics(
-                        self.num_classes, n_bins=ece_bins, class_names=self.class_names
-                    ),
-                    "calibration_majority": CalibrationMetrics(
-                        self.num_classes, n_bins=ece_bins, class_names=self.class_names
-                    ),
+                    reference: SegmentationMetrics(self.num_classes, n_bins=ece_bins, class_names=self.class_names)
+                    for reference in ("majority", "mean")
                 }
             )
             setattr(self, f"{stage}_metrics", metrics)
@@ -280,10 +276,8 @@ class SegmentationModule(pl.LightningModule):
         probs = self.infer(_plain(image))
         soft, hard = self._references(_plain(raters)[0].long())
         metrics = self._metrics[stage]
-        metrics["overlap_majority"].update(probs, hard, case_ids=case_ids)
-        metrics["overlap_mean"].update(probs, soft, case_ids=case_ids)
-        metrics["calibration_mean"].update(probs, soft, case_ids=case_ids)
-        metrics["calibration_majority"].update(probs, hard, case_ids=case_ids)
+        metrics["majority"].update(probs, hard, case_ids=case_ids)
+        metrics["mean"].update(probs, soft, case_ids=case_ids)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -292,40 +286,37 @@ class SegmentationModule(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def _summary(self, stage: str) -> dict[str, torch.Tensor]:
-        m = self._metrics[stage]
-        over_hard = m["overlap_majority"].compute()
-        over_soft = m["overlap_mean"].compute()
-        cal_soft = m["calibration_mean"].compute()
-        cal_hard = m["calibration_majority"].compute()
+        hard = self._metrics[stage]["majority"].compute()
+        soft = self._metrics[stage]["mean"].compute()
         out = {
-            "dice": over_hard["dice"],
-            "iou": over_hard["iou"],
-            "soft_dice": over_soft["soft_dice"],
-            "thresholded_dice": over_soft["thresholded_dice"],
-            "ece": cal_soft["ece"],
-            "brier": cal_soft["brier"],
-            "nll": cal_soft["nll"],
-            "ece_majority": cal_hard["ece"],
-            "brier_majority": cal_hard["brier"],
+            "dice": hard["dice"],
+            "iou": hard["iou"],
+            "soft_dice": soft["soft_dice"],
+            "thresholded_dice": soft["thresholded_dice"],
+            "ece": soft["ece"],
+            "brier": soft["brier"],
+            "nll": soft["nll"],
+            "ece_majority": hard["ece"],
+            "brier_majority": hard["brier"],
         }
         for name in self.class_names[1:]:
-            out[f"dice/{name}"] = over_hard[f"dice/{name}"]
-            out[f"soft_dice/{name}"] = over_soft[f"soft_dice/{name}"]
+            out[f"dice/{name}"] = hard[f"dice/{name}"]
+            out[f"soft_dice/{name}"] = soft[f"soft_dice/{name}"]
         return out
 
-    # Per-case CSV columns: (metric object, column prefix in its per_case() frame, suffix in the CSV).
+    # Per-case CSV columns: (reference, column prefix in its per_case() frame, suffix in the CSV).
     _CASE_COLUMNS = (
-        ("overlap_majority", ("n_voxels", "dice", "iou"), ""),
-        ("overlap_mean", ("soft_dice", "thresholded_dice"), ""),
-        ("calibration_mean", ("ece", "ece_classwise", "brier", "nll"), ""),
-        ("calibration_majority", ("ece", "brier", "nll"), "_majority"),
+        ("majority", ("n_voxels", "dice", "iou"), ""),
+        ("mean", ("soft_dice", "thresholded_dice", "ece", "ece_classwise", "brier", "nll"), ""),
+        ("majority", ("ece", "brier", "nll"), "_majority"),
     )
 
     def _per_case(self, stage: str) -> pd.DataFrame:
         """One row per case: the logged metrics (same names, see the module docstring) per case and class."""
+        frames = {key: metric.per_case().set_index("case_id") for key, metric in self._metrics[stage].items()}
         columns = {}
         for key, prefixes, suffix in self._CASE_COLUMNS:
-            frame = self._metrics[stage][key].per_case().set_index("case_id")
+            frame = frames[key]
             for column in frame.columns:
                 head, _, cls = column.partition("/")
                 if head in prefixes:
@@ -338,7 +329,7 @@ class SegmentationModule(pl.LightningModule):
             main = name in ("dice", "soft_dice", "ece", "brier")
             self.log(f"{stage}/{name}", value, prog_bar=main, sync_dist=False, rank_zero_only=False)
         frame = self._per_case(stage)
-        reliability = self._metrics[stage]["calibration_mean"].reliability()
+        reliability = self._metrics[stage]["mean"].reliability()
         trainer = self.trainer
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.is_global_zero and log_dir and not trainer.sanity_checking:
@@ -346,6 +337,13 @@ class SegmentationModule(pl.LightningModule):
             _atomic_csv(reliability, Path(log_dir) / f"{stage}_reliability.csv")
         for metric in self._metrics[stage].values():
             metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        # On an accelerator the losses check their inputs without waiting for the device and report a bad batch
+        # (NaN logits, a soft target outside [0, 1]...) a few steps later; by the end of its epoch at the latest.
+        self.loss.flush_checks()
+        if self._kd_ce is not None:
+            self._kd_ce.flush_checks()
 
     def on_validation_epoch_end(self) -> None:
         self._end_of_evaluation("val")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from medjdt.data.io import AFFINE_ATOL_MM, load_case
 from medjdt.data.manifest import CaseRecord, Manifest, read_manifest
 from medjdt.labels import fuse
-from medjdt.metrics import CalibrationMetrics, OverlapMetrics
+from medjdt.metrics import SegmentationMetrics
 
 KEY_COLUMNS = ("case_id", "predictor", "rater", "reference")
 PROBABILITY_SUFFIX = "_probs.nii.gz"
@@ -52,20 +52,15 @@ def compare(
         n_bins: confidence bins of the calibration errors.
 
     Returns:
-        ``{metric: value}`` with the columns of :meth:`OverlapMetrics.per_case` and
-        :meth:`CalibrationMetrics.per_case` (without ``case_id``).
+        ``{metric: value}`` with the columns of :meth:`~medjdt.metrics.SegmentationMetrics.per_case` (without
+        ``case_id``): those of ``OverlapMetrics.per_case``, then those of ``CalibrationMetrics.per_case``.
 
     Raises:
         ValueError: from the metrics, naming the case (shapes, NaN, values outside [0, 1], sums other than 1).
     """
-    num_classes = len(class_names)
-    overlap = OverlapMetrics(num_classes, class_names=class_names)
-    calibration = CalibrationMetrics(num_classes, n_bins=n_bins, class_names=class_names)
-    overlap.update(probs, reference, case_ids=[case_id])
-    calibration.update(probs, reference, case_ids=[case_id])
-    row = overlap.per_case().drop(columns="case_id").iloc[0].to_dict()
-    row.update(calibration.per_case().drop(columns=["case_id", "n_voxels"]).iloc[0].to_dict())
-    return row
+    metrics = SegmentationMetrics(len(class_names), n_bins=n_bins, class_names=class_names)
+    metrics.update(probs, reference, case_ids=[case_id])
+    return metrics.per_case().drop(columns="case_id").iloc[0].to_dict()
 
 
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
