@@ -1,18 +1,14 @@
 """The Triton kernels of the fused JDT path against the plain-torch reference path.
 
 On a machine with CUDA the kernels run on the GPU; without one they run on CPU tensors through Triton's
-interpreter (``TRITON_INTERPRET=1``), which checks the same kernel code. Skipped when Triton is not installed
-(it is optional: ``pip install triton``).
+interpreter (``TRITON_INTERPRET=1``, set by conftest.py), which checks the same kernel code. Skipped when
+Triton is not installed (it is optional: ``pip install triton``).
 """
-
-import os
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are built on first use
 pytest.importorskip("triton", reason="triton is not installed (optional dependency: pip install triton)")
 
 import medjdt.losses.fused as fused  # noqa: E402
