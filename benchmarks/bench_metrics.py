@@ -20,6 +20,8 @@ step has them. Cases (medjdt side | reference side):
    ``brier_score`` + ``dice`` (each validating its inputs) | the MONAI pipeline.
 4. ``top_label_ece``: medjdt ``expected_calibration_error(kind="top_label")`` | torchmetrics
    ``MulticlassCalibrationError`` (per image, on the (N, C) layout it needs).
+5. CUDA only: ``fused_vs_torch_chunks``: ``fused_all`` (the Triton kernel when Triton is installed) | the same
+   sums by the chunked torch code of :func:`~medjdt.metrics.fused.voxel_sums`.
 
 Times are the best of ``--repeats`` runs, the two sides of a case alternating, so that other jobs on a shared
 machine bias neither side; the process CPU time (best of the runs) is given too, the steadier figure on a
@@ -40,6 +42,7 @@ from monai.metrics import CalibrationErrorMetric, DiceMetric
 from monai.networks.utils import one_hot
 from torchmetrics.classification import MulticlassCalibrationError
 
+import medjdt.metrics.fused as fused_metrics
 from medjdt.metrics import (
     QUBIQ_THRESHOLDS,
     CalibrationMetrics,
@@ -170,6 +173,17 @@ def main() -> None:
         ("functional_reference", functional_reference, "monai_pipeline", monai_pipeline),
         ("top_label_ece", ours_top_label, "torchmetrics", torchmetrics_top_label),
     ]
+    if device.type == "cuda":
+        # on CUDA the fused cases above run the Triton kernel when Triton is installed; this one shows what it
+        # gains over the chunked torch code that runs without Triton
+        def torch_chunks_all() -> None:
+            devices, fused_metrics._TRITON_DEVICES = fused_metrics._TRITON_DEVICES, set()
+            try:
+                fused_all()
+            finally:
+                fused_metrics._TRITON_DEVICES = devices
+
+        cases.append(("fused_vs_torch_chunks", fused_all, "voxel_sums_torch_chunks", torch_chunks_all))
     if not args.json:
         print(
             f"device {device}, shape {shape}, {n_voxels / 1e6:.2f} M voxels, torch threads {torch.get_num_threads()}"
