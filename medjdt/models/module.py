@@ -209,7 +209,9 @@ class SegmentationModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def _supervised_loss(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         logits, heads = deep_supervision_heads(self.network, output)
-        total, parts = self.loss(logits.float(), target)
+        # no float32 copy of half-precision logits: both terms compute in float32 inside (the fused JDT kernels
+        # read the half-precision values directly)
+        total, parts = self.loss(logits, target)
         if not heads:
             return total, parts
         # nnU-Net weighting: 1, 1/2, 1/4, ... normalised; soft targets are downsampled by area averaging so
@@ -218,7 +220,7 @@ class SegmentationModule(pl.LightningModule):
         total = total * weights[0]
         for w, head in zip(weights[1:], heads):
             small = F.interpolate(target, size=head.shape[2:], mode="area")
-            head_total, _ = self.loss(head.float(), small)
+            head_total, _ = self.loss(head, small)
             total = total + w * head_total
         return total / sum(weights), parts
 
