@@ -47,6 +47,7 @@ __all__ = ["fused_cardinalities"]
 # accelerators the chunk only bounds the temporaries: 1/16 of the logits per
 # buffer (at least 2**20 values, to keep the number of kernel launches low).
 _CHUNK_ELEMENTS = {"cpu": 1 << 17}
+_MAX_CPU_CHUNK_ELEMENTS = 1 << 20  # with many threads: buffers of at most 4 MiB, small next to large logits
 _CHUNK_FRACTION_OTHER = 16
 _MIN_CHUNK_ELEMENTS_OTHER = 1 << 20
 # Devices on which the Triton kernels of medjdt.losses.fused_triton replace the chunked torch code (when Triton
@@ -77,7 +78,7 @@ class _Chunks:
         batch, channels, n_voxels = logits.shape
         budget = _CHUNK_ELEMENTS.get(logits.device.type)
         if budget is not None and logits.device.type == "cpu":
-            budget *= torch.get_num_threads()
+            budget = min(budget * torch.get_num_threads(), _MAX_CPU_CHUNK_ELEMENTS)
         if budget is None:  # accelerators: a fixed fraction of the logits, so the buffers stay small next to them
             budget = max(_MIN_CHUNK_ELEMENTS_OTHER, logits.numel() // _CHUNK_FRACTION_OTHER)
         self.step = min(n_voxels, max(_MIN_CHUNK_VOXELS, budget // max(1, batch * channels)))
