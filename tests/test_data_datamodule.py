@@ -96,6 +96,16 @@ def _rater_choice(label: torch.Tensor, raters: torch.Tensor) -> int:
     return matches[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float32])
+def test_rater_union_is_the_voxels_any_rater_labels_foreground(dtype):
+    raters = torch.randint(0, 4, (3, 9, 8, 7), generator=torch.Generator().manual_seed(0)).to(dtype)
+    raters[:, 0] = 0  # a slab every rater leaves as background
+    union = data_transforms.RaterUniond(keys="raters")({"raters": raters})["foreground"]
+    assert union.dtype == torch.uint8 and union.shape == (1, 9, 8, 7)
+    torch.testing.assert_close(union, (raters > 0).any(0, keepdim=True).to(torch.uint8), rtol=0, atol=0)
+    assert union[:, 0].sum() == 0
+
+
 def test_random_fusion_draws_a_rater_per_sample_per_epoch(phantoms, tmp_path):
     def choices(seed):
         dm = _dm(phantoms, tmp_path, fusion="random", augment=False, patch_size=list(SHAPE), samples_per_volume=2,
