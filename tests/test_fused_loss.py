@@ -183,13 +183,27 @@ def test_hard_cardinalities_equal_one_hot_soft_cardinalities(p, chunking):
             torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture
+def kept_probs(monkeypatch):
+    """The buffers that forward allocates to keep the probabilities in (None: backward recomputes them)."""
+    kept = []
+    allocate = fused._probs_buffer
+    monkeypatch.setattr(fused, "_probs_buffer", lambda *args: kept.append(allocate(*args)) or kept[-1])
+    return kept
+
+
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
-def test_backward_keeps_no_voxel_sized_tensor_besides_the_inputs(hard):
-    """Everything autograd saves for the fused backward is an input (logits, target, mask), not probabilities."""
+def test_backward_keeps_no_voxel_sized_tensor_besides_the_inputs(hard, kept_probs):
+    """Everything autograd saves for the fused backward is an input (logits, target, mask), not probabilities; the
+    probabilities forward keeps for backward live in the memory that backward returns as the logits' gradient."""
     logits, target, mask = _case((8, 8, 8), hard, seed=11)
     logits.requires_grad_()
     inputs = [logits, target, mask]
     voxels = mask.numel()
+
+    JDTLoss()(logits, target, mask).backward()
+    (buffer,) = kept_probs
+    assert buffer.untyped_storage().data_ptr() == logits.grad.untyped_storage().data_ptr()
 
     def saved_tensors_of(loss_fn):
         saved = []
@@ -205,12 +219,26 @@ def test_backward_keeps_no_voxel_sized_tensor_besides_the_inputs(hard):
     assert not all(is_input(t) for t in saved_tensors_of(JDTLoss(fused=False)))
 
 
-def test_no_grad_forward_and_loss_without_graph():
+def test_no_grad_forward_and_loss_without_graph(kept_probs):
     logits, target, mask = _case((6, 5, 4), hard=False, seed=12)
     with torch.no_grad():
-        value = JDTLoss()(logits, target, mask)
+        value = JDTLoss()(logits.requires_grad_(), target, mask)
     assert not value.requires_grad
+    assert kept_probs == [None]  # no backward will come: nothing voxel-sized is allocated
     assert value.item() == pytest.approx(JDTLoss(fused=False)(logits, target, mask).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_second_backward_through_a_retained_graph_gives_the_same_gradient(hard, chunking):
+    # the first backward overwrites the kept probabilities with the gradient; the second recomputes them
+    logits, target, mask = _case((7, 6, 5), hard, seed=13)
+    logits.requires_grad_()
+    loss = JDTLoss(reduction="image")(logits, target, mask)
+    first = torch.autograd.grad(loss, logits, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, logits)[0]
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(first, _value_and_grad(JDTLoss(reduction="image", fused=False), logits, target,
+                                                      mask)[1], rtol=1e-5, atol=1e-7)
 
 
 def test_fused_cardinalities_validates_inputs():
