@@ -226,13 +226,19 @@ def _probs_buffer(logits: torch.Tensor, dtype: torch.dtype, keep_probs: bool) ->
     return torch.empty_like(logits) if keep_probs and logits.dtype == dtype else None
 
 
-def _chunk_probs(probs, logits, chunks: _Chunks, chunk: slice, activation, shift: bool) -> torch.Tensor:
-    """The probabilities of ``chunk`` in backward: kept by forward in ``probs``, or recomputed into a buffer."""
-    if probs is not None:
-        return probs[:, :, chunk]
+def _activated(logits, chunks: _Chunks, chunk: slice, activation, shift: bool, keep_in=None) -> torch.Tensor:
+    """The probabilities of ``chunk``, computed into buffer 0 (and copied into ``keep_in`` when given: the same
+    code as a recomputation in backward, so the same bits)."""
     x = chunks.buffer(0, chunk)
     _activate_into(x, logits[:, :, chunk], activation, chunks.plane(0, chunk), shift)
+    if keep_in is not None:
+        keep_in[:, :, chunk] = x
     return x
+
+
+def _chunk_probs(probs, logits, chunks: _Chunks, chunk: slice, activation, shift: bool) -> torch.Tensor:
+    """The probabilities of ``chunk`` in backward: kept by forward in ``probs``, or recomputed into a buffer."""
+    return probs[:, :, chunk] if probs is not None else _activated(logits, chunks, chunk, activation, shift)
 
 
 class _FusedSoftSums(torch.autograd.Function):
@@ -251,10 +257,7 @@ class _FusedSoftSums(torch.autograd.Function):
         probs = _probs_buffer(logits, dtype, keep_probs)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             for chunk in chunks:
-                x = chunks.buffer(0, chunk)
-                _activate_into(x, logits[:, :, chunk], activation, chunks.plane(0, chunk), shift)
-                if probs is not None:
-                    probs[:, :, chunk] = x  # computed as backward would recompute it: the same bits
+                x = _activated(logits, chunks, chunk, activation, shift, keep_in=probs)
                 y = _chunk_target(target, chunks, chunk, 1)
                 keep = _chunk_mask(mask, chunks, chunk, 1)
                 if keep is not None:
@@ -337,10 +340,7 @@ class _FusedHardSums(torch.autograd.Function):
         probs = _probs_buffer(logits, dtype, keep_probs)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             for chunk in chunks:
-                x = chunks.buffer(0, chunk)
-                _activate_into(x, logits[:, :, chunk], activation, chunks.plane(0, chunk), shift)
-                if probs is not None:
-                    probs[:, :, chunk] = x  # computed as backward would recompute it: the same bits
+                x = _activated(logits, chunks, chunk, activation, shift, keep_in=probs)
                 one_hot = chunks.one_hot(chunks.buffer(1, chunk), labels, chunk)
                 keep = _chunk_mask(mask, chunks, chunk, 1)
                 if keep is not None:
@@ -455,7 +455,7 @@ def fused_cardinalities(
 
     Equal (to float rounding) to :func:`~medjdt.losses.activate` followed by
     :func:`~medjdt.losses.soft_cardinalities` or :func:`~medjdt.losses.hard_cardinalities`, with extra memory of
-    a few small chunks in forward and the gradient plus a few chunks in backward.
+    a few small chunks plus, when a gradient is needed, the gradient of the logits (allocated by forward).
 
     Args:
         logits: ``(B, C, *spatial)`` floating, 2 or 3 spatial dims (probabilities in [0, 1] if ``activation`` is

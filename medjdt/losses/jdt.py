@@ -109,8 +109,8 @@ class JDTLoss(nn.Module):
             None when the input already holds probabilities in [0, 1].
         sync_ranks: sum the dataset cardinalities over ranks under ``torch.distributed``.
         fused: compute the cardinalities with the fused path of :mod:`medjdt.losses.fused` (default): the
-            activation runs inside one autograd function that walks over the voxels in chunks and recomputes the
-            probabilities in backward, so no voxel-sized temporary besides the gradient is kept. False selects the
+            activation runs inside one autograd function that walks over the voxels in chunks (Triton kernels on
+            CUDA), so no voxel-sized tensor besides the gradient is allocated. False selects the
             plain-torch reference path (activation, then :func:`soft_cardinalities` / :func:`hard_cardinalities`);
             the two agree to float rounding, also in their gradients.
 
