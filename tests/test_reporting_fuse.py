@@ -129,7 +129,7 @@ def test_other_settings_in_the_same_folder_are_an_error(phantoms, tmp_path, caps
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "median"], "unknown fusion method 'median'"),
+        (["--method", "median"], "invalid choice: 'median'"),
         (["--method", "mean", "--seed", "-1"], "seed must be a non-negative integer"),
     ],
 )

@@ -66,14 +66,18 @@ def test_each_run_is_trained_evaluated_on_its_last_checkpoint_and_recorded(sweep
         config = yaml.safe_load((run / "config.yaml").read_text())
         assert (config["data"]["fusion"], config["seed_everything"], config["data"]["seed"]) == (fusion, 0, 0)
         assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics.csv").is_file()
-        # The run's results are those of the final validation of last.ckpt.
+        # The run's results are those of the validation of last.ckpt: the fit's own, as its final epoch validated
+        # (run.json records that validation's step, the final step), so no second validation runs.
         commands = [shlex.split(line[2:]) for line in (run / "sweep.log").read_text().splitlines()
                     if line.startswith("$ ")]
-        assert [c[3] for c in commands] == ["fit", "validate"]
-        assert commands[1][commands[1].index("--ckpt_path") + 1] == str(run / "checkpoints" / "last.ckpt")
-        for name in ("val_per_case.csv", "val_reliability.csv"):
-            assert (run / name).read_bytes() == (run / "final" / name).read_bytes()
+        assert [c[3] for c in commands] == ["fit"]
+        assert commands[0][commands[0].index("--run_dir") + 1] == str(run)
+        record = json.loads((run / "run.json").read_text())
+        assert record["status"] == "finished" and record["last_validation"]["step"] == record["global_step"]
+        assert not (run / "final").exists()
         assert sorted(pd.read_csv(run / "val_per_case.csv", dtype={"case_id": str})["case_id"]) == val_cases
+        # A fresh run folder holding only the sweep's own files is not a reused log folder.
+        assert "exists and is not empty" not in (run / "sweep.log").read_text()
 
 
 def test_rerunning_skips_finished_runs(sweep, capsys):
@@ -122,12 +126,15 @@ def test_interrupted_runs_resume_from_their_last_checkpoint_or_evaluation(sweep,
         return [shlex.split(line[2:]) for line in (run / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
 
     mean_commands = commands(mean)
-    assert [c[3] for c in mean_commands] == ["fit", "validate", "fit", "validate"]
+    # The resumed fit has nothing left to train (max_epochs reached), so last.ckpt is validated separately.
+    assert [c[3] for c in mean_commands] == ["fit", "fit", "validate"]
     assert "--ckpt_path" not in mean_commands[0]
-    assert mean_commands[2][mean_commands[2].index("--ckpt_path") + 1] == str(mean / "checkpoints" / "last.ckpt")
-    assert [c[3] for c in commands(majority)] == ["fit", "validate", "validate"]
-    # Lightning's logger would have deleted the earlier metrics: they are set aside first.
-    assert (mean / "metrics.before-resume-1.csv").read_bytes() == metrics
+    assert mean_commands[1][mean_commands[1].index("--ckpt_path") + 1] == str(mean / "checkpoints" / "last.ckpt")
+    assert mean_commands[2][mean_commands[2].index("--run_dir") + 1] == str(mean / "final")
+    # majority's fit had validated last.ckpt at its final epoch: its results stand, nothing runs again.
+    assert [c[3] for c in commands(majority)] == ["fit"]
+    # The resumed run continues metrics.csv in place (nothing was logged after last.ckpt, so nothing is dropped).
+    assert (mean / "metrics.csv").read_bytes().startswith(metrics)
     for run in (mean, majority):
         assert json.loads((run / "sweep.json").read_text())["stage"] == "done"
 
@@ -174,7 +181,7 @@ def test_runs_are_planned_seed_by_seed():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--fusion", "median", "--seeds", "0"], "unknown fusion method"),
+        (["--fusion", "median", "--seeds", "0"], "invalid choice: 'median'"),
         (["--fusion", "mean", "mean", "--seeds", "0"], "repeated fusion method"),
         (["--fusion", "mean", "--seeds", "0", "0"], "repeated seed"),
         (["--fusion", "mean", "--seeds", "-1"], "non-negative"),

@@ -139,24 +139,27 @@ def test_fit_validate_predict_resume(phantoms, tmp_path):
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
 
-    # Resume from last: the epoch count continues (1 done, 3 requested). With validation at epoch 1 only,
-    # last.ckpt still holds the state after the final epoch (2), not the last validated or best one.
+    # Resume from last: the epoch count continues (1 done, 3 requested), in the same run folder. With validation at
+    # epoch 1 only, last.ckpt still holds the state after the final epoch (2), not the last validated or best one.
     first = torch.load(last, weights_only=False)
     resume = _fit_args(phantoms, run_dir, "--ckpt_path", str(last), "--trainer.check_val_every_n_epoch", "2", epochs=3)
     assert main(resume) == 0
-    resumed = torch.load(_version_dir(run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert _version_dir(run_dir) == version  # no new folder
+    resumed = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * first["global_step"]
 
-    # Predict: one probability map and one label map per case on the original grid and affine.
-    pred_dir = tmp_path / "pred"
-    predict = _fit_args(phantoms, run_dir, "--ckpt_path", str(last), "--prediction_writer.output_dir", str(pred_dir),
-                        "--data.predict_on", "all", "--model.overlap", "0.6")
+    # Predict: one probability map and one label map per case on the original grid and affine, written next to the
+    # run that made the checkpoint (<run>/predict/<checkpoint name>/predictions).
+    predict = _fit_args(phantoms, run_dir, "--ckpt_path", str(last), "--data.predict_on", "all",
+                        "--model.overlap", "0.6")
     predict[0] = "predict"
     network_at = predict.index("--model.network")
     del predict[network_at : network_at + 2]  # the tiny network must come from the checkpoint, not demo.yaml
     assert main(predict) == 0
+    evaluation = version / "predict" / "last"
+    pred_dir = evaluation / "predictions"
     # The model's settings come from the checkpoint, but an explicit --model.* argument wins.
-    config = yaml.safe_load((_version_dir(run_dir) / "config.yaml").read_text())
+    config = yaml.safe_load((evaluation / "config.yaml").read_text())
     assert config["model"]["overlap"] == 0.6 and config["model"]["sw_batch_size"] == 2
     for case_id, rows in manifest.frame.groupby("case_id"):
         original = nib.load(rows["image"].iloc[0])
@@ -174,14 +177,20 @@ def test_fit_validate_predict_resume(phantoms, tmp_path):
 def test_resume_with_ckpt_path_last_continues_the_latest_run(phantoms, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(_fit_args(phantoms, None, "--ckpt_path", "last")) == 2  # nothing to resume yet
-    assert "no runs/demo/version_*/checkpoints/last.ckpt" in capsys.readouterr().err
+    assert "no run with a checkpoints/last.ckpt under runs/demo" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # a command stopped by a check leaves nothing behind
     assert main(_fit_args(phantoms, None, epochs=1)) == 0
     runs = tmp_path / "runs" / "demo"
     first = torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    capsys.readouterr()
     assert main(_fit_args(phantoms, None, "--ckpt_path", "last", epochs=2)) == 0
-    second = torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    out = capsys.readouterr().out
+    assert "resuming runs/demo/version_0/checkpoints/last.ckpt (epoch 0, step 2) in its run folder" in out
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0"]  # resumed in place
+    second = torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert second["epoch"] == 1 and second["global_step"] == 2 * first["global_step"]
-    assert sorted(pd.read_csv(runs / "version_1" / "metrics.csv")["epoch"].dropna().unique()) == [1]
+    # metrics.csv goes on: the first epoch's rows are kept, the second's appended
+    assert sorted(pd.read_csv(runs / "version_0" / "metrics.csv")["epoch"].dropna().unique()) == [0, 1]
 
 
 def test_bf16_mixed_precision_fit(phantoms, tmp_path):

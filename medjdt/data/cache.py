@@ -202,15 +202,22 @@ class PreprocessedCases:
         spatial_dims: 2 or 3.
         settings: the preprocessing settings.
         cache_dir: cache root, or ``None`` to preprocess on every call.
+        in_channels: the image channels the manifest declares (checked on load when given).
 
     ``hits`` and ``misses`` count cache use in this process; ``key`` is the JSON-able description of the
     cached content (preprocessing settings, classes, dims).
     """
 
     def __init__(
-        self, num_classes: int, spatial_dims: int, settings: PreprocessSettings, cache_dir: str | os.PathLike | None
+        self,
+        num_classes: int,
+        spatial_dims: int,
+        settings: PreprocessSettings,
+        cache_dir: str | os.PathLike | None,
+        in_channels: int | None = None,
     ):
         settings.check_dims(spatial_dims)
+        self.in_channels = in_channels
         self.num_classes = num_classes
         self.spatial_dims = spatial_dims
         self.settings = settings
@@ -226,7 +233,9 @@ class PreprocessedCases:
             self.hits += 1
             return from_payload(payload)
         self.misses += 1
-        case = data_io.load_case(record, num_classes=self.num_classes, spatial_dims=self.spatial_dims)
+        case = data_io.load_case(
+            record, num_classes=self.num_classes, spatial_dims=self.spatial_dims, in_channels=self.in_channels
+        )
         payload = to_payload(preprocess_case(case, self.settings, self.spatial_dims))
         if self.cache is not None:
             self.cache.write(record, payload)

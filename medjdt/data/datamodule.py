@@ -12,96 +12,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from monai.data import DataLoader, Dataset, MetaTensor
-from monai.transforms import Compose, apply_transform
+from monai.data import DataLoader
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities import CombinedLoader
-from torch.utils.data import RandomSampler, Sampler
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from medjdt.data.cache import CaseCache, PreprocessedCases, from_payload, to_payload
+from medjdt._paths import writable_folder
+from medjdt.data.cache import PreprocessedCases
 from medjdt.data.case_fusion import CASE_FUSION_METHODS, CaseFusedTargets
-from medjdt.data.io import read_image
+from medjdt.data.datasets import CaseDataset, CaseLoader, EpochSampler, UnlabelledCases, worker_init
 from medjdt.data.manifest import CaseRecord, Manifest, read_manifest, write_partly_labelled
 from medjdt.data.phantoms import make_phantom_dataset
-from medjdt.data.preprocess import PreprocessSettings, preprocess_case
+from medjdt.data.preflight import check_case_geometry, prepare_cases
+from medjdt.data.preprocess import PreprocessSettings
 from medjdt.data.transforms import eval_transform, train_transform, unlabelled_transform
 from medjdt.labels import FUSION_METHODS
 
 SMOOTHING_MODES = ("uniform", "boundary")
 PREDICT_ON = ("val", "all")
-
-
-class CaseDataset(Dataset):
-    """A MONAI ``Dataset`` of cases: each item is ``transform(load(record))``.
-
-    Args:
-        records: the cases.
-        load: callable ``CaseRecord -> dict`` (a :class:`CaseLoader`, or for whole-case fusion a
-            :class:`~medjdt.data.case_fusion.CaseFusedTargets`).
-        transform: applied to the loaded case (may return a list of patches).
-    """
-
-    def __init__(self, records: Sequence[CaseRecord], load: Callable[[CaseRecord], dict], transform: Compose):
-        super().__init__(data=list(records), transform=transform)
-        self.load = load
-
-    def _transform(self, index: int) -> Any:
-        return apply_transform(self.transform, self.load(self.data[index]))
-
-
-class UnlabelledCases:
-    """Callable that turns an unlabelled :class:`CaseRecord` into a preprocessed image, through the disk cache.
-
-    The image goes through the same preprocessing as labelled cases (:func:`preprocess_case`). Returns
-    ``{"image": MetaTensor (K, *spatial) float32, "case_id": str}`` with the same meta as
-    :func:`medjdt.data.cache.from_payload` (so predictions map back to the stored grid).
-
-    Args:
-        spatial_dims: 2 or 3.
-        settings: the preprocessing settings.
-        cache_dir: cache root, or ``None`` to preprocess on every call.
-    """
-
-    def __init__(self, spatial_dims: int, settings: PreprocessSettings, cache_dir: str | os.PathLike | None):
-        settings.check_dims(spatial_dims)
-        self.spatial_dims = spatial_dims
-        self.settings = settings
-        key = {**settings.key(), "spatial_dims": spatial_dims, "cache_format": 1, "content": "unlabelled image"}
-        self.cache = CaseCache(cache_dir, key) if cache_dir is not None else None
-
-    def __call__(self, record: CaseRecord) -> dict[str, Any]:
-        """Load and preprocess the image of ``record`` (which must have no annotation), or read it from the cache."""
-        if record.labelled:
-            raise ValueError(f"case {record.case_id!r} is labelled; load it with PreprocessedCases")
-        payload = self.cache.read(record) if self.cache is not None else None
-        if payload is None:
-            image = read_image(record.image, case_id=record.case_id, spatial_dims=self.spatial_dims)
-            # preprocess_case moves an image and its rater masks together; an all-background placeholder mask
-            # runs that same chain and is dropped afterwards, leaving zero raters.
-            placeholder = MetaTensor(torch.zeros((1, *image.shape[1:]), dtype=torch.uint8), affine=image.affine)
-            case = {"image": image, "raters": placeholder, "case_id": record.case_id, "rater_names": []}
-            case = preprocess_case(case, self.settings, self.spatial_dims)
-            case["raters"] = torch.zeros((0, *case["image"].shape[1:]), dtype=torch.uint8)
-            payload = to_payload(case)
-            if self.cache is not None:
-                self.cache.write(record, payload)
-        case = from_payload(payload)
-        return {"image": case["image"], "case_id": case["case_id"]}
-
-
-class CaseLoader:
-    """Callable ``CaseRecord -> dict``: labelled cases through ``labelled``, unlabelled ones through ``unlabelled``."""
-
-    def __init__(self, labelled: PreprocessedCases, unlabelled: UnlabelledCases):
-        self.labelled = labelled
-        self.unlabelled = unlabelled
-
-    def __call__(self, record: CaseRecord) -> dict[str, Any]:
-        return self.labelled(record) if record.labelled else self.unlabelled(record)
+STAGES = ("fit", "validate", "test", "predict")
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -110,7 +42,8 @@ class SegmentationDataModule(pl.LightningDataModule):
     Args:
         manifest: manifest CSV path (its metadata JSON sits next to it).
         fold: the validation fold, in ``0..num_folds-1``; training uses the other folds.
-        num_folds: number of folds the manifest was split into (must match its metadata).
+        num_folds: number of folds; ``None`` (default) reads it from the manifest (its metadata, else its fold
+            column). A value that disagrees with the manifest is an error naming both.
         fusion: rater fusion method, one of ``medjdt.labels.FUSION_METHODS``. ``"staple"`` and ``"weighted"``
             (which estimate rater performances from the data) fuse each whole training case once on the
             preprocessed grid and cache the soft target in ``cache_dir`` (see :mod:`medjdt.data.case_fusion`);
@@ -125,18 +58,23 @@ class SegmentationDataModule(pl.LightningDataModule):
             batch holds ``batch_size * samples_per_volume`` patches (MONAI convention). Val/test/predict use 1.
         num_workers: DataLoader worker processes.
         cache_dir: on-disk cache of preprocessed cases; ``None``: ``<manifest folder>/.cache``.
+        max_case_gb: memory budget of preprocessing one case, in GiB: a ``spacing`` that would resample a case
+            beyond it (input and output grids of the image and every rater, as float32) is refused, from the
+            image header, before anything is allocated.
         spacing: target voxel size in mm per spatial axis, or ``None`` to keep each case's grid.
         orientation: axis codes to reorient to, or ``None`` to keep the stored orientation.
         intensity: ``"ct"`` (clip to ``window`` HU, scale to [0, 1]) or ``"zscore"`` (per image, per channel).
         window: ``[low, high]`` HU window for ``"ct"``, e.g. ``[-200, 300]`` (KiTS), ``[-60, 140]`` (LiTS tumour).
         augment: joint spatial and intensity augmentation of training patches.
-        seed: seeds patch sampling, augmentation, random-rater fusion and shuffling.
+        seed: seeds patch sampling, augmentation, random-rater fusion and shuffling: every training sample's
+            random stream is a function of ``(seed, epoch, draw, case)``, the same for any ``num_workers``.
         demo: when given and ``manifest`` does not exist, ``make_phantom_dataset(dirname(manifest), **demo)``
             writes it first (``manifest`` must then be named ``manifest.csv``; ``folds`` defaults to
-            ``num_folds``). With an extra key ``labelled_fraction`` the phantoms' ``manifest.csv`` (written if
-            missing) is copied to ``manifest`` (then not named ``manifest.csv``) by
-            :func:`~medjdt.data.manifest.write_partly_labelled`: only that fraction of the training cases
-            (the folds other than ``fold``) keep their annotations, chosen with the phantoms' ``demo.seed``.
+            ``num_folds`` when given, else 5, and never exceeds the number of cases). With an extra key
+            ``labelled_fraction`` the phantoms' ``manifest.csv`` (written if missing) is copied to ``manifest``
+            (then not named ``manifest.csv``) by :func:`~medjdt.data.manifest.write_partly_labelled`: only that
+            fraction of the training cases (the folds other than ``fold``) keep their annotations, chosen with
+            the phantoms' ``demo.seed``.
         predict_on: cases for ``predict_dataloader``: the validation fold (``"val"``) or every case (``"all"``),
             unlabelled cases included.
         unlabelled_ratio: unlabelled volumes per labelled volume in each training step; 0 (default) trains on
@@ -163,7 +101,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self,
         manifest: str,
         fold: int = 0,
-        num_folds: int = 5,
+        num_folds: int | None = None,
         fusion: str = "mean",
         label_smoothing: float = 0.0,
         smoothing_mode: str = "uniform",
@@ -173,6 +111,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         batch_size: int = 2,
         num_workers: int = 2,
         cache_dir: str | None = None,
+        max_case_gb: float = 8.0,
         spacing: Sequence[float] | None = None,
         orientation: str | None = "RAS",
         intensity: str = "ct",
@@ -186,11 +125,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         manifest_path = Path(manifest)
-        if demo is not None and not manifest_path.exists():
-            _write_demo(manifest_path, dict(demo), num_folds=num_folds, fold=fold)
+        if demo is not None:
+            ensure_demo_data(manifest_path, dict(demo), num_folds=num_folds, fold=fold)
         self.manifest: Manifest = read_manifest(manifest_path)
         self.fold = fold
-        self.num_folds = num_folds
+        self.num_folds = self.manifest.num_folds if num_folds is None else num_folds
         self.fusion = fusion
         self.label_smoothing = float(label_smoothing)
         self.smoothing_mode = smoothing_mode
@@ -212,14 +151,22 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
         self.settings.check_dims(self.spatial_dims)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.manifest.path)
+        writable_folder(self.cache_dir, "cache folder (data.cache_dir)", create=False)
+        if not (np.isfinite(max_case_gb) and max_case_gb > 0):
+            raise ValueError(f"data.max_case_gb must be a positive number of GiB, got {max_case_gb}")
+        self.max_case_gb = float(max_case_gb)
+        self._prepared: set[str] = set()
         self.datasets: dict[str, CaseDataset] = {}
 
     def _check_args(self) -> None:
         m = self.manifest
         if self.num_folds < 1:
             raise ValueError(f"num_folds must be >= 1, got {self.num_folds}")
-        if m.num_folds is not None and m.num_folds != self.num_folds:
-            raise ValueError(f"manifest {m.path} is split into {m.num_folds} folds, but num_folds={self.num_folds}")
+        if m.num_folds != self.num_folds:
+            raise ValueError(
+                f"data.num_folds={self.num_folds} disagrees with manifest {m.path}, which is split into "
+                f"{m.num_folds} folds; leave data.num_folds out to read it from the manifest"
+            )
         if not 0 <= self.fold < self.num_folds:
             raise ValueError(f"fold index {self.fold} out of range 0..{self.num_folds - 1}")
         kept = m.metadata.get("labelled_keep_folds") or []
@@ -278,8 +225,8 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def _loader(self) -> CaseLoader:
         return CaseLoader(
-            PreprocessedCases(self.num_classes, self.spatial_dims, self.settings, self.cache_dir),
-            UnlabelledCases(self.spatial_dims, self.settings, self.cache_dir),
+            PreprocessedCases(self.num_classes, self.spatial_dims, self.settings, self.cache_dir, self.in_channels),
+            UnlabelledCases(self.spatial_dims, self.settings, self.cache_dir, self.in_channels),
         )
 
     def _records(self, split: str, labelled: bool | None = True) -> list[CaseRecord]:
@@ -294,6 +241,73 @@ class SegmentationDataModule(pl.LightningDataModule):
                 what = "labelled cases (only unlabelled ones)"
             raise ValueError(f"manifest {self.manifest.path}: no {what} in {split} folds {folds}")
         return records
+
+    def stage_records(self, stage: str) -> dict[str, list[CaseRecord]]:
+        """The cases each dataset of ``stage`` (fit, validate, test or predict) uses, by dataset name.
+
+        Raises:
+            ValueError: an unknown stage, or a split without cases.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        splits: dict[str, list[CaseRecord]] = {}
+        if stage == "fit":
+            splits["train"] = self._records("train")
+            if self.unlabelled_ratio > 0:
+                splits["unlabelled"] = self._records("train", labelled=False)
+        if stage in ("fit", "validate"):
+            splits["val"] = self._records("val")
+        if stage == "test":
+            splits["test"] = self._records("val")
+        if stage == "predict":
+            splits["predict"] = self._records(self.predict_on, labelled=None)
+        return splits
+
+    def prepare(self, stage: str) -> None:
+        """Check and cache every case ``stage`` uses, before the first step; a no-op when already done.
+
+        First from the image headers (NIfTI, channels, the memory of resampling, the patch size: see
+        :func:`~medjdt.data.preflight.check_case_geometry`), then by loading every case through the cache in
+        ``num_workers`` processes (every file readable, finite intensities, labels within the classes, rater grids
+        equal to the image's).
+
+        Raises:
+            ValueError: one line naming the failing cases and files.
+        """
+        if stage in self._prepared:
+            return
+        self.manifest.check_files()
+        writable_folder(self.cache_dir, "cache folder (data.cache_dir)")
+        splits = self.stage_records(stage)
+        records = list({r.case_id: r for rs in splits.values() for r in rs}.values())
+        training = {r.case_id for name in ("train", "unlabelled") for r in splits.get(name, [])}
+        check_case_geometry(
+            records, self.settings, self.spatial_dims, in_channels=self.in_channels, max_case_gb=self.max_case_gb
+        )
+        if training:
+            check_case_geometry(
+                [r for r in records if r.case_id in training], self.settings, self.spatial_dims,
+                in_channels=self.in_channels, max_case_gb=self.max_case_gb, patch_size=self.patch_size,
+            )
+        load = self._loader()
+
+        def is_cached(record: CaseRecord) -> bool:
+            cache = load.labelled.cache if record.labelled else load.unlabelled.cache
+            return cache is not None and cache.entry_path(record).is_file()
+
+        done = prepare_cases(records, load, is_cached, self.num_workers, worker_init)
+        rank_zero_info(
+            f"{stage}: {len(records)} case(s) checked ({done.cached} from the cache, {done.built} preprocessed) in "
+            f"{done.seconds:.1f} s; cache {self.cache_dir}"
+        )
+        self._prepared.add(stage)
+
+    def prepare_data(self) -> None:
+        """Lightning's hook (once per node, before ``setup``): :meth:`prepare` for the trainer's current stage."""
+        trainer = self.trainer
+        stage = getattr(getattr(trainer, "state", None), "fn", None)
+        if stage is not None:
+            self.prepare(str(stage.value))
 
     def setup(self, stage: str | None = None) -> None:
         """Check that every file exists and build the datasets needed for ``stage``."""
@@ -311,13 +325,16 @@ class SegmentationDataModule(pl.LightningDataModule):
                 smoothing_mode=self.smoothing_mode,
                 augment=self.augment,
             )
-            transform.set_random_state(seed=self.seed)
+            transform.set_random_state(seed=self.seed)  # for plain integer indexing from Python
             records = self._records("train")
-            self._check_patch_fits(records)
+            check_case_geometry(
+                records, self.settings, self.spatial_dims, in_channels=self.in_channels,
+                max_case_gb=self.max_case_gb, patch_size=self.patch_size,
+            )
             train_load: Callable[[CaseRecord], dict] = load
             if self.fusion in CASE_FUSION_METHODS:
                 train_load = CaseFusedTargets(load.labelled, self.fusion, self.cache_dir)
-            self.datasets["train"] = CaseDataset(records, train_load, transform)
+            self.datasets["train"] = CaseDataset(records, train_load, transform, seed=self.seed)
             if self.unlabelled_ratio > 0:
                 unlabelled = unlabelled_transform(
                     spatial_dims=self.spatial_dims,
@@ -327,8 +344,11 @@ class SegmentationDataModule(pl.LightningDataModule):
                 )
                 unlabelled.set_random_state(seed=self.seed + 1)
                 records = self._records("train", labelled=False)
-                self._check_patch_fits(records)
-                self.datasets["unlabelled"] = CaseDataset(records, load, unlabelled)
+                check_case_geometry(
+                    records, self.settings, self.spatial_dims, in_channels=self.in_channels,
+                    max_case_gb=self.max_case_gb, patch_size=self.patch_size,
+                )
+                self.datasets["unlabelled"] = CaseDataset(records, load, unlabelled, seed=self.seed + 1)
         if stage in (None, "fit", "validate"):
             self.datasets["val"] = CaseDataset(self._records("val"), load, eval_transform())
         if stage in (None, "test"):
@@ -337,32 +357,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             records = self._records(self.predict_on, labelled=None)
             self.datasets["predict"] = CaseDataset(records, load, eval_transform(False))
 
-    def _check_patch_fits(self, records: Sequence[CaseRecord]) -> None:
-        """Raise ``ValueError`` naming the case when the patch exceeds a volume on the preprocessed grid.
-
-        The preprocessed shape is predicted from the image header alone (no decoding): axes reordered as the
-        orientation step does, then rescaled to ``spacing``.
-        """
-        dims = self.spatial_dims
-        for record in records:
-            header = nib.load(str(record.image)).header
-            shape = np.asarray(header.get_data_shape()[:dims], dtype=float)
-            zooms = np.asarray(header.get_zooms()[:dims], dtype=float)
-            if self.settings.orientation is not None and dims == 3:
-                order = nib.io_orientation(nib.load(str(record.image)).affine)[:, 0].astype(int)
-                shape_out, zooms_out = np.empty(3), np.empty(3)
-                shape_out[order], zooms_out[order] = shape, zooms
-                shape, zooms = shape_out, zooms_out
-            if self.settings.spacing is not None:
-                shape = np.round(shape * zooms / np.asarray(self.settings.spacing, dtype=float))
-            if np.any(np.asarray(self.patch_size) > shape):
-                raise ValueError(
-                    f"patch_size {list(self.patch_size)} is larger than case {record.case_id!r} after "
-                    f"preprocessing ({[int(s) for s in shape]} voxels at spacing {self.settings.spacing}); "
-                    "use a smaller data.patch_size or a finer data.spacing"
-                )
-
-    def _dataloader(self, split: str, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+    def _dataloader(self, split: str, batch_size: int, sampler: EpochSampler | None = None) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"call setup() before requesting the {split} dataloader")
         workers = self.num_workers
@@ -374,55 +369,62 @@ class SegmentationDataModule(pl.LightningDataModule):
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=False,
             sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=worker_init,
         )
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         """Shuffled training patches: ``batch_size`` volumes x ``samples_per_volume`` patches per batch.
 
         With ``unlabelled_ratio > 0``: a ``CombinedLoader`` of ``{"labelled": ..., "unlabelled": ...}`` batches.
-        An epoch is one pass over the labelled cases; the unlabelled cases are drawn in shuffled passes (carried
-        over from epoch to epoch), exactly one unlabelled batch per labelled batch.
+        An epoch is one pass over the labelled cases; each epoch draws as many unlabelled volumes as it needs
+        (``unlabelled_batch_size`` per labelled batch) from shuffled passes over the unlabelled cases.
+        Order and random transforms follow the epoch (see :class:`~medjdt.data.datasets.EpochSampler`).
         """
-        labelled = self._dataloader("train", self.batch_size, shuffle=True)
+        train = self.datasets.get("train")
+        if train is None:
+            raise ValueError("call setup() before requesting the train dataloader")
+        labelled = self._dataloader("train", self.batch_size, EpochSampler(len(train), self.seed))
         if self.unlabelled_ratio == 0:
             return labelled
         if "unlabelled" not in self.datasets:
             raise ValueError("call setup() before requesting the unlabelled dataloader")
         volumes = self.unlabelled_batch_size
-        sampler = RandomSampler(
-            self.datasets["unlabelled"],
-            num_samples=len(labelled) * volumes,
-            generator=torch.Generator().manual_seed(self.seed + 1),
-        )
-        unlabelled = self._dataloader("unlabelled", volumes, shuffle=False, sampler=sampler)
+        sampler = EpochSampler(len(self.datasets["unlabelled"]), self.seed + 1, num_samples=len(labelled) * volumes)
+        unlabelled = self._dataloader("unlabelled", volumes, sampler)
         return CombinedLoader({"labelled": labelled, "unlabelled": unlabelled}, mode="min_size")
 
     def val_dataloader(self) -> DataLoader:
         """Whole validation volumes with every rater, batch size 1."""
-        return self._dataloader("val", 1, shuffle=False)
+        return self._dataloader("val", 1)
 
     def test_dataloader(self) -> DataLoader:
         """Whole volumes of the held-out fold with every rater, batch size 1."""
-        return self._dataloader("test", 1, shuffle=False)
+        return self._dataloader("test", 1)
 
     def predict_dataloader(self) -> DataLoader:
         """Whole volumes (image and case id only), batch size 1."""
-        return self._dataloader("predict", 1, shuffle=False)
+        return self._dataloader("predict", 1)
 
 
-def _write_demo(manifest: Path, demo: dict[str, Any], *, num_folds: int, fold: int) -> None:
-    """Write the phantoms behind ``manifest`` (see the ``demo`` argument of :class:`SegmentationDataModule`)."""
+def ensure_demo_data(manifest: Path, demo: dict[str, Any], *, num_folds: int | None, fold: int) -> None:
+    """Write the phantoms behind ``manifest`` unless it exists (see the ``demo`` argument of
+    :class:`SegmentationDataModule`)."""
+    manifest = Path(manifest)
+    if manifest.exists():
+        return
+    demo = dict(demo)
     fraction = demo.pop("labelled_fraction", None)
+    cases = int(demo.get("cases", 24))
+    demo.setdefault("folds", min(num_folds or 5, max(cases, 1)))
     if fraction is None:
         if manifest.name != "manifest.csv":
             raise ValueError(f"with demo, the manifest must be named manifest.csv, got {manifest}")
-        make_phantom_dataset(manifest.parent, **{"folds": num_folds, **demo})
+        make_phantom_dataset(manifest.parent, **demo)
         return
     full = manifest.parent / "manifest.csv"
     if manifest.name == "manifest.csv":
@@ -431,7 +433,7 @@ def _write_demo(manifest: Path, demo: dict[str, Any], *, num_folds: int, fold: i
             f"from the fully labelled {full}"
         )
     if not full.exists():
-        make_phantom_dataset(manifest.parent, **{"folds": num_folds, **demo})
+        make_phantom_dataset(manifest.parent, **demo)
     # The phantoms' seed also picks the labelled cases: the demo dataset is a function of ``demo`` alone.
     write_partly_labelled(full, manifest, float(fraction), keep_folds=[fold], seed=int(demo.get("seed", 0)))
 

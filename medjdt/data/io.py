@@ -84,13 +84,15 @@ def _load(how: tuple[LoadImage, NibabelReader], path: Path, what: str, case_id: 
         raise ValueError(f"case {case_id!r}: cannot read {what} file {path}: {type(err).__name__}: {err}") from err
 
 
-def read_image(path: str | os.PathLike, *, case_id: str, spatial_dims: int) -> MetaTensor:
+def read_image(
+    path: str | os.PathLike, *, case_id: str, spatial_dims: int, in_channels: int | None = None
+) -> MetaTensor:
     """Read an image as a float32 ``MetaTensor`` of shape ``(K, *spatial)``.
 
     ``K`` is 1 for a plain volume; a stored array with one more axis than ``spatial_dims`` is taken to be
     channels-last (NIfTI convention, e.g. QUBIQ brain-tumour's four MR sequences). Raises ``ValueError``
-    naming the case and file when it is missing, unreadable, has an unexpected number of axes, or holds
-    NaN/inf values.
+    naming the case and file when it is missing, unreadable, has an unexpected number of axes, has ``K`` other
+    than ``in_channels`` (when given: the channels the manifest declares), or holds NaN/inf values.
     """
     path = Path(path)
     img = _load(_IMAGE, path, "image", case_id)
@@ -102,6 +104,11 @@ def read_image(path: str | os.PathLike, *, case_id: str, spatial_dims: int) -> M
         raise ValueError(
             f"case {case_id!r}: image {path} has shape {tuple(img.shape)}, expected {spatial_dims} spatial axes "
             "(optionally plus a trailing channel axis)"
+        )
+    if in_channels is not None and img.shape[0] != in_channels:
+        raise ValueError(
+            f"case {case_id!r}: image {path} has {img.shape[0]} channel(s) (shape {tuple(img.shape[1:])}), but the "
+            f"manifest declares in_channels={in_channels}"
         )
     if not torch.isfinite(img).all():
         bad = int((~torch.isfinite(img)).sum())
@@ -119,6 +126,11 @@ def _label_spatial(label: MetaTensor, spatial_dims: int, path: Path, case_id: st
     return label
 
 
+def _affine_text(affine: np.ndarray) -> str:
+    """A 4x4 affine on one line: its three top rows."""
+    return "[" + "; ".join(" ".join(f"{v:.4g}" for v in row) for row in np.asarray(affine)[:3]) + "]"
+
+
 def _check_geometry(label: MetaTensor, image: MetaTensor, label_path: Path, image_path: Path, case_id: str) -> None:
     if tuple(label.shape) != tuple(image.shape[1:]):
         raise ValueError(
@@ -128,9 +140,11 @@ def _check_geometry(label: MetaTensor, image: MetaTensor, label_path: Path, imag
     a = np.asarray(label.affine, dtype=np.float64)
     b = np.asarray(image.affine, dtype=np.float64)
     if a.shape != b.shape or not np.allclose(a, b, rtol=0.0, atol=AFFINE_ATOL_MM):
+        worst = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
         raise ValueError(
-            f"case {case_id!r}: affine mismatch (tolerance {AFFINE_ATOL_MM} mm) between image {image_path} "
-            f"and label {label_path}:\n{np.round(b, 4)}\nvs\n{np.round(a, 4)}"
+            f"case {case_id!r}: label {label_path} is not on the grid of image {image_path}: their affines differ "
+            f"by up to {worst:.4g} mm (tolerance {AFFINE_ATOL_MM} mm); image affine {_affine_text(b)}, label affine "
+            f"{_affine_text(a)}"
         )
 
 
@@ -167,17 +181,20 @@ def read_label_map(
     return out
 
 
-def load_case(record: CaseRecord, *, num_classes: int, spatial_dims: int) -> dict[str, Any]:
+def load_case(
+    record: CaseRecord, *, num_classes: int, spatial_dims: int, in_channels: int | None = None
+) -> dict[str, Any]:
     """Read a case: image and every rater's label map on one checked grid.
 
     Returns ``{"image": MetaTensor (K, *spatial) float32, "raters": MetaTensor (R, *spatial) uint8,
     "case_id": str, "rater_names": list[str]}`` with ``R = len(record.raters)``. Raises ``ValueError``
     naming the case and file for a missing or unreadable file, NaN/inf intensities, a shape or affine
-    mismatch between image and a rater, or label values outside ``0..num_classes-1``.
+    mismatch between image and a rater, label values outside ``0..num_classes-1``, or an image whose channel
+    count is not ``in_channels`` (when given).
     """
     if not record.labels:
         raise ValueError(f"case {record.case_id!r} has no annotation")
-    image = read_image(record.image, case_id=record.case_id, spatial_dims=spatial_dims)
+    image = read_image(record.image, case_id=record.case_id, spatial_dims=spatial_dims, in_channels=in_channels)
     maps = []
     for rater, label_path in zip(record.raters, record.labels):
         label = read_label_map(label_path, rater=rater, case_id=record.case_id, image=image, image_path=record.image)

@@ -8,6 +8,7 @@ Supported layouts (``layout`` argument of :func:`build_manifest`):
 - ``lits``: ``volume-N.nii[.gz]`` / ``segmentation-N.nii[.gz]`` anywhere under ``root``; case id ``volume-N``;
   one rater ``1``; classes background, liver, tumor.
 - ``kits19``: ``<root>/case_XXXXX/{imaging,segmentation}.nii.gz``; one rater ``1``; background, kidney, tumor.
+  For KiTS, ``root`` may also be the published repository's root, the folder holding ``dataset/`` or ``data/``.
 - ``kits21`` (alias ``kits23``): ``<root>/case_XXXXX/imaging.nii.gz`` with per-instance annotations in
   ``segmentations/`` or ``instances/``; one row per annotation number ``J`` whose ``label`` is the instance
   folder (rater ``J``'s map is assembled at load time, see :mod:`medjdt.data.kits`); background, kidney,
@@ -33,9 +34,8 @@ import nibabel as nib
 
 from medjdt.data import kits
 from medjdt.data.manifest import assign_folds, write_manifest
+from medjdt.data.names import LAYOUTS, UNLABELLED_POLICIES
 
-LAYOUTS = ("qubiq", "lits", "kits19", "kits21", "kits23", "demo")
-UNLABELLED_POLICIES = ("error", "skip", "include")
 QUBIQ_MODALITY = {
     "brain-growth": "MRI",
     "brain-tumor": "MRI",
@@ -81,10 +81,23 @@ def _unlabelled(spec: ManifestSpec, policy: str, case_id: str, image: Path, wher
         spec.unlabelled_rows.append({"case_id": case_id, "image": image, "label": "", "rater": "", **columns})
 
 
+def _kits_data_folder(root: Path) -> Path:
+    """``root`` itself, or its ``dataset/`` (KiTS21/23) or ``data/`` (KiTS19) folder when ``root`` is the
+    published repository's root."""
+    if any(_CASE_DIR_RE.match(p.name) for p in root.iterdir() if p.is_dir()):
+        return root
+    for name in ("dataset", "data"):
+        inner = root / name
+        if inner.is_dir() and any(_CASE_DIR_RE.match(p.name) for p in inner.iterdir() if p.is_dir()):
+            return inner
+    return root
+
+
 def _scan_kits_cases(root: Path) -> list[Path]:
+    root = _kits_data_folder(root)
     cases = sorted(p for p in root.iterdir() if p.is_dir() and _CASE_DIR_RE.match(p.name))
     if not cases:
-        raise ValueError(f"no case_XXXXX folders under {root}")
+        raise ValueError(f"no case_XXXXX folders under {root} (nor under its dataset/ or data/ folder)")
     for case in cases:
         if not (case / "imaging.nii.gz").is_file():
             raise ValueError(f"case {case.name!r}: image file {case / 'imaging.nii.gz'} does not exist")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medjdt._paths import check_name
 from medjdt.data.atomic import atomic_write, atomic_write_text
 
 REQUIRED_COLUMNS = ("case_id", "image", "label", "rater", "fold")
@@ -49,7 +50,11 @@ class CaseRecord:
 
 @dataclass
 class Manifest:
-    """A parsed manifest: ``frame`` has absolute paths; metadata comes from the JSON file next to the CSV."""
+    """A parsed manifest: ``frame`` has absolute paths; metadata comes from the JSON file next to the CSV.
+
+    ``num_folds`` is the metadata's, else one more than the largest fold index of the rows: the fold column is
+    the truth the data module reads its fold count from.
+    """
 
     frame: pd.DataFrame
     num_classes: int
@@ -124,24 +129,21 @@ def hide_annotations(
     """Simulate a partly annotated dataset: the rows of ``manifest`` with most training cases made unlabelled.
 
     Among the labelled cases whose fold is not in ``keep_folds`` (typically the validation fold), a seeded
-    random ``round(labelled_fraction * n)`` keep their annotation rows; every other one becomes a single
+    random ``round(labelled_fraction * n)`` (at least one) keep their annotation rows; every other one becomes a single
     unlabelled row (same ``case_id``, ``image`` and ``fold``; empty ``label`` and ``rater``). Cases in
     ``keep_folds`` and cases already unlabelled are unchanged. The result (absolute paths) can be written with
     :func:`write_manifest`.
 
-    Raises ``ValueError`` when ``labelled_fraction`` is not in (0, 1] or would leave no labelled case outside
+    Raises ``ValueError`` when ``labelled_fraction`` is not in (0, 1] or there is no labelled case outside
     ``keep_folds``.
     """
     if not 0.0 < labelled_fraction <= 1.0:
         raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
     kept_folds = {int(f) for f in keep_folds}
     eligible = sorted(r.case_id for r in manifest.cases(labelled=True) if r.fold not in kept_folds)
-    n_keep = round(labelled_fraction * len(eligible))
-    if n_keep == 0:
-        raise ValueError(
-            f"manifest {manifest.path}: labelled_fraction {labelled_fraction} of the {len(eligible)} labelled "
-            f"case(s) outside folds {sorted(kept_folds)} leaves none labelled"
-        )
+    if not eligible:
+        raise ValueError(f"manifest {manifest.path}: no labelled case outside folds {sorted(kept_folds)}")
+    n_keep = max(1, round(labelled_fraction * len(eligible)))
     order = np.random.default_rng(seed).permutation(len(eligible))
     hidden = {eligible[i] for i in order[n_keep:]}
     frame = manifest.frame
@@ -177,6 +179,18 @@ def _check_metadata(meta: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{where}: num_folds must be a positive integer, got {num_folds!r}")
 
 
+def _check_names(frame: pd.DataFrame, where: str) -> None:
+    """Case ids and rater names name output files (predictions, fused targets): each must be a plain file name."""
+    for column, what in (("case_id", "case_id"), ("rater", "rater name")):
+        for position, value in enumerate(frame[column]):
+            if column == "rater" and value == "":
+                continue  # the rater of an unlabelled case
+            try:
+                check_name(value, what)
+            except ValueError as err:
+                raise ValueError(f"{where}, line {position + 2}: {err}") from None
+
+
 def _check_frame(frame: pd.DataFrame, where: str, num_folds: int | None) -> pd.DataFrame:
     """Validate the rows; return a copy with ``case_id``/``rater`` as str and ``fold`` as int."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
@@ -210,6 +224,7 @@ def _check_frame(frame: pd.DataFrame, where: str, num_folds: int | None) -> pd.D
         # object dtype first: an all-empty column is read as float NaN
         frame[col] = frame[col].astype(object).where(~unlabelled, "")
     frame["rater"] = frame["rater"].astype(str)
+    _check_names(frame, where)
     folds = pd.to_numeric(frame["fold"], errors="coerce")
     bad = folds.isna() | (folds != np.floor(folds))
     if bad.any():
@@ -269,7 +284,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         spatial_dims=meta["spatial_dims"],
         path=path,
         in_channels=meta.get("in_channels", 1),
-        num_folds=meta.get("num_folds"),
+        num_folds=meta.get("num_folds") or int(frame["fold"].max()) + 1,
         metadata=dict(meta),
     )
 

@@ -105,13 +105,14 @@ def make_phantom_dataset(
     shape: Sequence[int] = (48, 48, 48),
     dims: int = 3,
     seed: int = 0,
-    folds: int = 5,
+    folds: int | None = None,
 ) -> Path:
     """Write a multi-rater phantom dataset and its manifest; returns the manifest path (``out_dir/manifest.csv``).
 
     Files: ``out_dir/case_NNN/image.nii.gz`` (int16 HU, ``shape``) and ``rater-J.nii.gz`` (uint8, 0 background,
     1 organ, 2 lesion), J = 1..``raters``. ``shape`` must have ``dims`` (2 or 3) entries, each >= 8. The folds
-    (``folds``-fold by case) are drawn with ``seed``. Raises ``ValueError`` for bad arguments.
+    (``folds``-fold by case; default 5, or one fold per case when there are fewer) are drawn with ``seed``.
+    Raises ``ValueError`` for bad arguments.
     """
     shape = tuple(int(s) for s in shape)
     if dims not in (2, 3):
@@ -120,6 +121,7 @@ def make_phantom_dataset(
         raise ValueError(f"shape {list(shape)} must have {dims} entries, each >= 8")
     if cases < 1 or raters < 1:
         raise ValueError(f"cases and raters must be >= 1, got cases={cases}, raters={raters}")
+    folds = min(5, cases) if folds is None else folds
     if cases < folds:
         raise ValueError(f"cannot split {cases} case(s) into {folds} folds")
     out_dir = Path(out_dir)

@@ -1,12 +1,13 @@
 """Networks and the Lightning module: :class:`SegmentationModule`, :func:`build_network`,
 :func:`load_teacher`, :class:`NiftiPredictionWriter`, :class:`SemiSupervisedModule`,
-:class:`LastCheckpoint`."""
+:class:`LastCheckpoint`, :class:`StopOnSignal`."""
 
 from medjdt.models.last_checkpoint import LastCheckpoint
 from medjdt.models.module import SegmentationModule
 from medjdt.models.networks import build_network, deep_supervision_heads, network_channels
 from medjdt.models.prediction_writer import NiftiPredictionWriter
 from medjdt.models.semi import MeanTeacherSpec, SemiSupervisedModule
+from medjdt.models.stop_on_signal import StopOnSignal
 from medjdt.models.teacher import TeacherSpec, load_teacher
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "TeacherSpec",
     "load_teacher",
     "LastCheckpoint",
+    "StopOnSignal",
 ]

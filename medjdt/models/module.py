@@ -140,6 +140,8 @@ class SegmentationModule(pl.LightningModule):
             self._teacher = (load_teacher(self.teacher_spec.checkpoint, self.num_classes, self.in_channels),)
             self._kd_ce = SoftTargetCrossEntropy()
         self._metrics: dict[str, torch.nn.ModuleDict] = {}
+        # {"stage", "epoch", "step"} of the latest validation or test (read by the command line's summary)
+        self.last_evaluation: dict[str, Any] | None = None
         for stage in ("val", "test"):
             # one object per reference: calibration and overlap are summed in one pass over each volume
             metrics = torch.nn.ModuleDict(
@@ -333,6 +335,8 @@ class SegmentationModule(pl.LightningModule):
         frame = self._per_case(stage)
         reliability = self._metrics[stage]["mean"].reliability()
         trainer = self.trainer
+        if not trainer.sanity_checking:
+            self.last_evaluation = {"stage": stage, "epoch": self.current_epoch, "step": self.global_step}
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.is_global_zero and log_dir and not trainer.sanity_checking:
             _atomic_csv(frame, Path(log_dir) / f"{stage}_per_case.csv")
@@ -364,11 +368,16 @@ class SegmentationModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             self.network.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-        if not math.isfinite(total) or total <= 0:
-            total = 1
-        warmup = int(self.hparams.warmup_fraction * total)
+        estimated = float(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1.0
         schedule = self.hparams.schedule
+        if not math.isfinite(estimated) and (schedule != "constant" or self.hparams.warmup_fraction > 0):
+            raise ValueError(
+                f"model.schedule {schedule!r} and model.warmup_fraction {self.hparams.warmup_fraction} need a finite "
+                "training length; set trainer.max_epochs or trainer.max_steps (or use a constant schedule without "
+                "warm-up)"
+            )
+        total = max(1, int(estimated)) if math.isfinite(estimated) else 1
+        warmup = int(self.hparams.warmup_fraction * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, warmup, schedule)
         )

@@ -10,6 +10,7 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BasePredictionWriter
 
+from medjdt._paths import child_path
 from medjdt.data import restore_original_grid, write_nifti
 
 __all__ = ["NiftiPredictionWriter"]
@@ -19,7 +20,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
     """Per case, write ``<case_id>_probs.nii.gz`` (float32, C channels on the last axis) and
     ``<case_id>_label.nii.gz`` (uint8 argmax), resampled back to the input image's original grid and affine.
 
-    Files are written atomically, so an interrupted run never leaves a half-written map.
+    Files are written atomically, so an interrupted run never leaves a half-written map, and never outside
+    ``output_dir`` (a case id that would lead elsewhere is an error).
 
     Args:
         output_dir: where to write; default ``<trainer.log_dir>/predictions``.
@@ -52,5 +54,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
             # Resampling can leave tiny departures from the simplex; renormalise so every voxel sums to 1.
             array = np.clip(array, 0.0, None)
             array /= np.maximum(array.sum(0, keepdims=True), 1e-12)
-            write_nifti(np.moveaxis(array, 0, -1).astype(np.float32), affine, out_dir / f"{case_id}_probs.nii.gz")
-            write_nifti(array.argmax(0).astype(np.uint8), affine, out_dir / f"{case_id}_label.nii.gz")
+            probs_path = child_path(out_dir, f"{case_id}_probs.nii.gz", "case_id")
+            label_path = child_path(out_dir, f"{case_id}_label.nii.gz", "case_id")
+            write_nifti(np.moveaxis(array, 0, -1).astype(np.float32), affine, probs_path)
+            write_nifti(array.argmax(0).astype(np.uint8), affine, label_path)

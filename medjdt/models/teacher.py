@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from medjdt.models.checkpoints import read_checkpoint
 from medjdt.models.networks import build_network, network_channels
 
 __all__ = ["TeacherSpec", "load_teacher"]
@@ -59,16 +60,8 @@ def load_teacher(checkpoint: str | Path, num_classes: int, in_channels: int) -> 
             channels differ from the student's.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise ValueError(f"teacher checkpoint {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise ValueError(f"teacher checkpoint {str(path)!r} cannot be read: {err}") from err
-    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    spec = hparams.get("network")
-    if spec is None or "state_dict" not in ckpt:
-        raise ValueError(f"teacher checkpoint {str(path)!r} is not a medjdt SegmentationModule checkpoint")
+    ckpt = read_checkpoint(path, "teacher checkpoint")
+    spec = ckpt["hyper_parameters"]["network"]
     t_in, t_out, _ = network_channels(spec)
     if t_out != num_classes or t_in != in_channels:
         raise ValueError(

@@ -9,23 +9,28 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medjdt._paths import existing_file, existing_folder, writable_file, writable_folder
+
 FUSE_HELP = "fuse every case's raters into one target per case (NIfTI) and write an index CSV"
 EVALUATE_HELP = "metrics of saved probability maps against the raters, with the inter-rater baseline"
 SWEEP_HELP = "train one run per (fusion method, seed), sequentially; re-running skips finished runs and resumes"
 REPORT_HELP = "reliability diagrams per run and a comparison table of fusion methods across runs"
+FUSION_CHOICES = ("mean", "weighted", "majority", "random", "staple")
 METHODS = "mean, weighted, majority, random or staple"
 
 
 def add_fuse_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``medjdt fuse``."""
     parser.add_argument("--manifest", required=True, help="dataset manifest CSV")
-    parser.add_argument("--method", required=True, help=f"fusion method: {METHODS}")
+    parser.add_argument("--method", required=True, choices=FUSION_CHOICES, help=f"fusion method: {METHODS}")
     parser.add_argument("--out", required=True, help="output folder (the same settings as before, or new)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-rater draw (default 0)")
 
 
 def run_fuse(args: argparse.Namespace) -> int:
     """Write the fused targets; print one line per case written and a summary."""
+    existing_file(args.manifest, "manifest (--manifest)")
+    writable_folder(args.out, "output folder (--out)", create=False)
     from medjdt.reporting.fused_targets import write_fused_targets
 
     result = write_fused_targets(args.manifest, args.method, args.out, seed=args.seed, progress=print)
@@ -46,6 +51,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, write the CSV atomically and print the mean of the main metrics per comparison."""
+    existing_file(args.manifest, "manifest (--manifest)")
+    existing_folder(args.predictions, "predictions folder (--predictions)")
+    writable_file(args.out, "results CSV (--out)")
     from medjdt.data.atomic import atomic_write
     from medjdt.reporting.evaluate import evaluate_predictions
 
@@ -61,7 +69,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``medjdt sweep``; ``medjdt fit`` overrides follow ``--``."""
     parser.epilog = "Pass further medjdt fit options after --, e.g.: -- --trainer.max_epochs 20 --data.fold 1"
     parser.add_argument("--config", required=True, help="LightningCLI config of the experiment")
-    parser.add_argument("--fusion", required=True, nargs="+", help=f"fusion methods: {METHODS}")
+    parser.add_argument(
+        "--fusion", required=True, nargs="+", choices=FUSION_CHOICES, help=f"fusion methods: {METHODS}"
+    )
     parser.add_argument("--seeds", required=True, type=int, nargs="+", help="seeds")
     parser.add_argument("--out", required=True, help="sweep folder; one run directory <fusion>-seed<seed> per run")
     parser.add_argument(
@@ -72,6 +82,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     """Run the sweep (or print its per-run commands); a failed run ends it with exit code 1."""
+    existing_file(args.config, "config file (--config)")
+    writable_folder(args.out, "sweep folder (--out)", create=False)
     from medjdt.reporting.sweep import run_sweep, sweep_commands
 
     if args.dry_run:
@@ -94,6 +106,9 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     """Write the report and print its Markdown table."""
+    for run in args.runs:
+        existing_folder(run, "run directory")
+    writable_folder(args.out, "output folder (--out)", create=False)
     from medjdt.reporting.report import write_report
 
     files = write_report(args.runs, args.out)

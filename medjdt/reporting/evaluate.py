@@ -30,10 +30,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from medjdt._paths import child_path
 from medjdt.data.io import AFFINE_ATOL_MM, load_case
 from medjdt.data.manifest import CaseRecord, Manifest, read_manifest
 from medjdt.labels import fuse
 from medjdt.metrics import SegmentationMetrics
+from medjdt.runs import read_record
 
 KEY_COLUMNS = ("case_id", "predictor", "rater", "reference")
 PROBABILITY_SUFFIX = "_probs.nii.gz"
@@ -170,6 +172,21 @@ def _records(manifest_path: str | os.PathLike, folds: Iterable[int] | None) -> t
     return manifest, records
 
 
+def predicted_cases(predictions: str | os.PathLike) -> list[str] | None:
+    """The case ids ``medjdt predict`` recorded for a predictions folder, or None when it recorded none.
+
+    ``predict`` writes ``run.json`` (see :mod:`medjdt.runs.record`) into the folder it claims, which holds the
+    ``predictions/`` folder (or is the folder itself with ``--prediction_writer.output_dir``)."""
+    folder = Path(predictions)
+    for candidate in (folder, folder.parent):
+        record = read_record(candidate)
+        if record is not None and record.get("kind") == "predict" and isinstance(record.get("cases"), list):
+            if record.get("predictions") and Path(record["predictions"]).resolve() != folder.resolve():
+                continue
+            return [str(c) for c in record["cases"]]
+    return None
+
+
 def evaluate_predictions(
     manifest: str | os.PathLike,
     predictions: str | os.PathLike,
@@ -178,7 +195,8 @@ def evaluate_predictions(
     n_bins: int = 15,
 ) -> pd.DataFrame:
     """Evaluate the probability maps in ``predictions`` (``<case_id>_probs.nii.gz``, as written by
-    ``medjdt predict``) against the raters of every case of ``manifest`` (or of its ``folds``).
+    ``medjdt predict``) against the raters of the cases of ``manifest``: those of ``folds`` when given, else the
+    cases ``medjdt predict`` recorded for the folder (:func:`predicted_cases`), else every case.
 
     Returns:
         One row per (case, comparison), sorted by :data:`KEY_COLUMNS`; row kinds and metrics in the module
@@ -194,11 +212,23 @@ def evaluate_predictions(
     directory = Path(predictions)
     if not directory.is_dir():
         raise ValueError(f"predictions folder {directory} does not exist")
+    cases = predicted_cases(directory) if wanted is None else None
+    if cases is not None:
+        by_id = {r.case_id: r for r in records}
+        unknown = [c for c in cases if c not in by_id]
+        if unknown:
+            raise ValueError(
+                f"predictions folder {directory} holds predictions of case(s) {unknown[:5]} that manifest "
+                f"{manifest_data.path} does not have: predicted from another manifest?"
+            )
+        records = [by_id[c] for c in cases if by_id[c].labelled]
+        if not records:
+            raise ValueError(f"predictions folder {directory}: none of its cases has annotations to compare with")
     rows = []
     for record in records:
         case = load_case(record, num_classes=manifest_data.num_classes, spatial_dims=manifest_data.spatial_dims)
         probs = read_probabilities(
-            directory / f"{record.case_id}{PROBABILITY_SUFFIX}",
+            child_path(directory, f"{record.case_id}{PROBABILITY_SUFFIX}", "case_id"),
             case_id=record.case_id,
             image=case["image"],
             num_classes=manifest_data.num_classes,

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medjdt._paths import child_path
 from medjdt.data.atomic import atomic_write, atomic_write_text
 from medjdt.data.io import load_case, write_nifti
 from medjdt.data.manifest import CaseRecord, Manifest, read_manifest
@@ -52,7 +53,7 @@ class FusionOutput:
 
 def target_path(out_dir: str | os.PathLike, case_id: str) -> Path:
     """The fused target file of ``case_id`` in ``out_dir``."""
-    return Path(out_dir) / f"{case_id}{TARGET_SUFFIX}"
+    return child_path(out_dir, f"{case_id}{TARGET_SUFFIX}", "case_id")
 
 
 def case_generator(seed: int, case_id: str) -> torch.Generator:

@@ -1,23 +1,23 @@
 """``medjdt sweep``: one training run per (fusion method, seed), sequentially, resumable.
 
 Each run is a ``medjdt fit`` subprocess (``python -m medjdt.cli fit --config CONFIG [overrides] --data.fusion F
---seed_everything S --data.seed S``) whose CSV logger writes to the run directory ``<out>/<fusion>-seed<seed>``:
-``config.yaml``, ``hparams.yaml``, ``metrics.csv``, ``checkpoints/`` (``last.ckpt``, ``best-*.ckpt``),
+--seed_everything S --data.seed S --run_dir <out>/<fusion>-seed<seed>``) whose run folder is the run directory:
+``run.json``, ``config.yaml``, ``hparams.yaml``, ``metrics.csv``, ``checkpoints/`` (``last.ckpt``, ``best-*.ckpt``),
 ``val_per_case.csv``, ``val_reliability.csv``, plus ``sweep.log`` (the subprocesses' output) and ``sweep.json``.
 
-Which checkpoint the results describe: the **last** one. After training, ``medjdt validate --ckpt_path
-checkpoints/last.ckpt`` evaluates it (logged to ``<run>/final/``) and its ``val_per_case.csv`` and
-``val_reliability.csv`` replace the run's. Every fusion method thus gets the same training budget and is evaluated
-once, on cases that played no part in choosing the checkpoint (the best-by-``val/dice`` checkpoint is selected on
-these very cases, which would flatter Dice and pick the calibration metrics' epoch by chance); and the results
-exist even when the last epoch was not a validation epoch.
+Which checkpoint the results describe: the **last** one. When the fit's final epoch was a validation epoch, its
+``val_per_case.csv`` and ``val_reliability.csv`` already score ``last.ckpt`` (``run.json`` says so: its last
+validation's step is the final step); otherwise ``medjdt validate --ckpt_path checkpoints/last.ckpt`` evaluates it
+(in ``<run>/final/``) and its files replace the run's. Every fusion method thus gets the same training budget and
+is evaluated once, on the last checkpoint (the best-by-``val/dice`` checkpoint is selected on these very cases,
+which would flatter Dice and pick the calibration metrics' epoch by chance).
 
 ``sweep.json`` records the run's settings (config, overrides, fusion, seed), the dataset manifest (absolute path,
 from the run's ``config.yaml``) and its ``stage``: ``"training"`` -> ``"trained"`` -> ``"done"``. Re-running the
 sweep skips ``done`` runs, evaluates ``trained`` ones, resumes others that have ``checkpoints/last.ckpt``
-(``--ckpt_path``; Lightning's CSV logger would delete the previous ``metrics.csv``, which is first renamed
-``metrics.before-resume-<k>.csv``) and starts the rest afresh. A run directory created with other settings is an
-error, never silently reused, and so is a non-empty run directory without ``sweep.json``.
+(``--ckpt_path``; ``metrics.csv`` continues, without the rows logged after that checkpoint) and starts the rest
+afresh. A run directory created with other settings is an error, never silently reused, and so is a non-empty run
+directory without ``sweep.json``.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ import yaml
 from medjdt.data.atomic import atomic_write, atomic_write_text
 from medjdt.reporting.runs import CONFIG_FILE, PER_CASE_FILE, RELIABILITY_FILE, SWEEP_STATE_FILE
 from medjdt.reporting.tables import FUSION_ORDER
+from medjdt.runs import read_record
 
 LOG_FILE = "sweep.log"
 FINAL_DIR = "final"
 # The sweep sets these itself; the same options among the overrides would be silently overridden.
-_RESERVED = ("--data.fusion", "--seed_everything", "--data.seed", "--trainer.logger", "--ckpt_path")
+_RESERVED = ("--data.fusion", "--seed_everything", "--data.seed", "--trainer.logger", "--ckpt_path", "--run_dir")
 
 
 @dataclass(frozen=True)
@@ -97,20 +98,13 @@ def training_command(
 ) -> list[str]:
     """The ``medjdt fit|validate`` command line of ``run``.
 
-    ``fit`` logs to the run directory itself, ``validate`` to ``<run>/final``; the sweep's options come after the
-    overrides, so they take precedence.
+    ``fit`` runs in the run directory itself, ``validate`` in ``<run>/final`` (``--run_dir``); the sweep's options
+    come after the overrides, so they take precedence.
     """
-    if stage == "fit":
-        logger_dir, version = run.directory.parent, run.directory.name
-    else:
-        logger_dir, version = run.directory, FINAL_DIR
-    logger = {
-        "class_path": "pytorch_lightning.loggers.CSVLogger",
-        "init_args": {"save_dir": str(logger_dir), "name": "", "version": version},
-    }
+    folder = run.directory if stage == "fit" else run.directory / FINAL_DIR
     command = [sys.executable, "-m", "medjdt.cli", stage, "--config", str(config), *overrides]
     command += ["--data.fusion", run.fusion, "--seed_everything", str(run.seed), "--data.seed", str(run.seed)]
-    command += ["--trainer.logger", json.dumps(logger)]
+    command += ["--run_dir", str(folder)]
     if ckpt_path is not None:
         command += ["--ckpt_path", str(ckpt_path)]
     return command
@@ -175,15 +169,6 @@ def _manifest_of(run: SweepRun) -> str | None:
     return str(Path(manifest).absolute()) if isinstance(manifest, str) else None
 
 
-def _set_aside_metrics(run: SweepRun) -> None:
-    metrics = run.directory / "metrics.csv"
-    if metrics.exists():
-        k = 1
-        while (run.directory / f"metrics.before-resume-{k}.csv").exists():
-            k += 1
-        metrics.rename(run.directory / f"metrics.before-resume-{k}.csv")
-
-
 def _copy_atomically(source: Path, destination: Path) -> None:
     atomic_write(destination, lambda tmp: shutil.copyfile(source, tmp), suffix=destination.suffix)
 
@@ -193,7 +178,6 @@ def _train(run: SweepRun, config: Path, overrides: Sequence[str], state: dict, s
     _write_state(run, {**state, "stage": "training"})
     if resume:
         say(f"resuming from {run.last_checkpoint}")
-        _set_aside_metrics(run)
     else:
         say(f"training in {run.directory}")
     ckpt = run.last_checkpoint if resume else None
@@ -206,13 +190,29 @@ def _train(run: SweepRun, config: Path, overrides: Sequence[str], state: dict, s
     _write_state(run, {**state, "stage": "trained", "manifest": _manifest_of(run)})
 
 
+def _validated_at_the_end(run: SweepRun) -> bool:
+    """True when the fit's last validation scored the weights of ``last.ckpt`` (the final epoch was a validation
+    epoch), so that its ``val_per_case.csv`` already holds the results and a second validation is not needed."""
+    record = read_record(run.directory) or {}
+    last = record.get("last_validation") or {}
+    return (
+        record.get("kind") == "fit"
+        and record.get("status") == "finished"
+        and last.get("step") is not None
+        and last.get("step") == record.get("global_step")
+        and (run.directory / PER_CASE_FILE).is_file()
+        and (run.directory / RELIABILITY_FILE).is_file()
+    )
+
+
 def _evaluate(run: SweepRun, config: Path, overrides: Sequence[str]) -> pd.DataFrame:
-    _execute(training_command("validate", run, config, overrides, run.last_checkpoint), run, "final validation")
-    final = run.directory / FINAL_DIR
-    for name in (PER_CASE_FILE, RELIABILITY_FILE):
-        if not (final / name).is_file():
-            raise RuntimeError(f"run {run.name}: the final validation wrote no {final / name}")
-        _copy_atomically(final / name, run.directory / name)
+    if not _validated_at_the_end(run):
+        _execute(training_command("validate", run, config, overrides, run.last_checkpoint), run, "final validation")
+        final = run.directory / FINAL_DIR
+        for name in (PER_CASE_FILE, RELIABILITY_FILE):
+            if not (final / name).is_file():
+                raise RuntimeError(f"run {run.name}: the final validation wrote no {final / name}")
+            _copy_atomically(final / name, run.directory / name)
     return pd.read_csv(run.directory / PER_CASE_FILE)
 
 

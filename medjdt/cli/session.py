@@ -1,0 +1,520 @@
+"""``RunSession``: one ``medjdt fit|validate|test|predict`` from its checks to its summary.
+
+The session decides where the command writes and records why, around LightningCLI (see
+:mod:`medjdt.cli.lightning_app`):
+
+1. :meth:`RunSession.plan`, right after the command line and config are parsed: the manifest (demo data only at
+   the path the config file names), the settings, the checkpoint (``--ckpt_path last`` resolved among matching
+   runs), and the run folder, claimed, locked and recorded in ``run.json`` (:mod:`medjdt.runs`).
+2. :meth:`RunSession.prepare`, once the model and data module exist and before the trainer: model and data agree,
+   and every case the stage uses is read, checked and cached.
+3. :meth:`RunSession.finish` after the stage, or :meth:`RunSession.abort` on any error: the record's status, the
+   summary, and no trace of a run that stopped before doing anything.
+
+Where runs go. ``fit``: ``<root>/version_N`` claimed by exclusive creation, ``root`` being a configured logger's
+``save_dir/name``, else ``trainer.default_root_dir``, else ``runs/<config name>``; ``--run_dir DIR`` names the
+folder itself. A fit resumed from a run's checkpoint continues in that run's folder. ``validate``, ``test`` and
+``predict`` of a checkpoint that belongs to a run write into ``<run>/<stage>/<checkpoint name>`` (see
+:func:`medjdt.runs.evaluation_folder`), unless ``--run_dir`` or ``--trainer.default_root_dir`` is given on the
+command line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medjdt._paths import writable_folder
+from medjdt.cli.arguments import config_files, explicit_options
+from medjdt.runs import (
+    RunLock,
+    claim_version,
+    describe_mismatch,
+    environment,
+    evaluation_folder,
+    find_resumable,
+    manifest_digest,
+    read_record,
+    run_folder_of_checkpoint,
+    write_record,
+)
+from medjdt.runs.record import canonical, file_digest
+
+DATA_IDENTITY = (
+    "fold", "fusion", "label_smoothing", "smoothing_mode", "patch_size", "spacing", "orientation", "intensity",
+    "window",
+)
+MODEL_IDENTITY = ("network", "jdt", "ce_weight", "jdt_weight", "teacher", "semi")
+# Values of Lightning's ckpt_path that are not files.
+_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+RUN_DIR_ENV = "MEDJDT_RUN_DIR"
+
+__all__ = ["CheckPassed", "RunSession", "global_rank"]
+
+
+class CheckPassed(Exception):
+    """Raised by :meth:`RunSession.prepare` under ``check_only`` when every check passed; the message says so."""
+
+
+def global_rank() -> int:
+    """This process's rank in a distributed run, from the launcher's environment (0 when not distributed)."""
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    node = int(os.environ.get("NODE_RANK", "0") or 0)
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    world_local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return node * world_local + local
+
+
+def _plain(value: Any) -> Any:
+    """jsonargparse Namespaces (and anything nested) as plain data."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _config_file_values(files: Sequence[Path]) -> dict[str, Any]:
+    """The ``data.manifest`` and ``data.demo`` values the config files set (later files win)."""
+    values: dict[str, Any] = {}
+    for path in files:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # LightningCLI reports an unreadable config itself
+        data = loaded.get("data") if isinstance(loaded, dict) else None
+        if isinstance(data, dict):
+            for key in ("manifest", "demo"):
+                if key in data:
+                    values[f"data.{key}"] = data[key]
+    return values
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.abspath(a) == os.path.abspath(b)
+
+
+class RunSession:
+    """The checks, the run folder and the record of one training command (see the module docstring).
+
+    Args:
+        command: ``fit``, ``validate``, ``test`` or ``predict``.
+        argv: the command line after ``medjdt`` (the subcommand first).
+        check_only: run the checks only (``medjdt check``): no run folder, and :meth:`prepare` ends the command
+            by raising :class:`CheckPassed`.
+    """
+
+    def __init__(self, command: str, argv: Sequence[str], check_only: bool = False):
+        self.command = command
+        self.check_only = check_only
+        self.argv = list(argv)
+        self.explicit = explicit_options(self.argv[1:])
+        self.config_names = [p.stem for p in config_files(self.argv)]
+        self.config_values = _config_file_values(config_files(self.argv))
+        self.rank = global_rank()
+        self.folder: Path | None = None
+        self.created = False
+        self.created_root: Path | None = None
+        self.lock: RunLock | None = None
+        self.record: dict[str, Any] = {}
+        self.checkpoint: Path | None = None
+        self.checkpoint_info: dict[str, Any] = {}
+        self.resuming = False
+        # state key -> dirpath of the checkpoint callbacks that wrote the evaluated checkpoint
+        self.checkpoint_dirs: dict[str, str] = {}
+        self.user_loggers = False
+        self.manifest_path: Path | None = None
+        self.started = time.monotonic()
+        self.prepared_cases = 0
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, cfg: Any) -> None:
+        """Check the parsed config ``cfg`` (one subcommand's Namespace), resolve the checkpoint and claim the run
+        folder. Modifies ``cfg`` in place (``data.num_folds``, ``data.demo``, ``ckpt_path``, logger versions)."""
+        self._normalise_data(cfg)
+        self._check_settings(cfg)
+        self._manifest(cfg)
+        if self.command == "fit":
+            self._plan_fit(cfg)
+        else:
+            self._plan_evaluation(cfg)
+        if not self.check_only:
+            self._claim(cfg)
+
+    def _normalise_data(self, cfg: Any) -> None:
+        data = cfg.data
+        # The manifest's fold column is the truth: a num_folds from a config file is dropped (the data module reads
+        # it from the manifest); one given on the command line is checked against it.
+        if "data.num_folds" not in self.explicit:
+            data.num_folds = None
+        # Phantoms are written only at the manifest path the config file itself names.
+        if data.demo is not None and not _same_path(data.manifest, self.config_values.get("data.manifest")):
+            data.demo = None
+
+    def _check_settings(self, cfg: Any) -> None:
+        trainer = cfg.trainer
+        for key in ("max_epochs", "max_steps"):
+            value = getattr(trainer, key, None)
+            if value is not None and (not isinstance(value, int) or value < -1):
+                raise ValueError(f"trainer.{key} must be a whole number >= -1 (-1: no limit), got {value!r}")
+        if trainer.max_epochs == 0 and self.command == "fit":
+            raise ValueError("trainer.max_epochs is 0: nothing would be trained")
+        unlimited = trainer.max_epochs == -1 and trainer.max_steps in (None, -1)
+        model = cfg.model
+        if self.command == "fit" and unlimited and (model.schedule != "constant" or model.warmup_fraction > 0):
+            raise ValueError(
+                f"trainer.max_epochs -1 (no limit) leaves no training length for model.schedule {model.schedule!r} "
+                f"and model.warmup_fraction {model.warmup_fraction}; set trainer.max_epochs or trainer.max_steps, or "
+                "use model.schedule constant with model.warmup_fraction 0"
+            )
+        for key in ("check_val_every_n_epoch", "log_every_n_steps"):
+            value = getattr(trainer, key, None)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"trainer.{key} must be a whole number >= 1, got {value!r}")
+        if trainer.default_root_dir is not None:
+            writable_folder(trainer.default_root_dir, "run root (trainer.default_root_dir)", create=False)
+        if getattr(cfg, "run_dir", None) is not None:
+            writable_folder(cfg.run_dir, "run folder (--run_dir)", create=False)
+        if cfg.data.cache_dir is not None:
+            writable_folder(cfg.data.cache_dir, "cache folder (data.cache_dir)", create=False)
+        writer = getattr(cfg, "prediction_writer", None)
+        if self.command == "predict" and writer is not None and writer.output_dir is not None:
+            writable_folder(writer.output_dir, "output folder (prediction_writer.output_dir)", create=False)
+
+    def _manifest(self, cfg: Any) -> None:
+        from medjdt.data.datamodule import ensure_demo_data
+        from medjdt.data.manifest import read_manifest
+
+        data = cfg.data
+        path = Path(data.manifest)
+        if not path.exists():
+            if data.demo is None:
+                where = "given on the command line" if "data.manifest" in self.explicit else "data.manifest"
+                raise ValueError(f"manifest {path} does not exist ({where})")
+            if self.rank == 0:
+                ensure_demo_data(path, _plain(data.demo), num_folds=data.num_folds, fold=data.fold)
+        manifest = read_manifest(path)
+        self.manifest_path = manifest.path
+        self.manifest = manifest
+
+    def identity(self, cfg: Any) -> dict[str, Any]:
+        """What defines a training run: the manifest's content, the data and model settings."""
+        data = _plain(cfg.data)
+        model = _plain(cfg.model)
+        return canonical(
+            {
+                "manifest": {"path": str(self.manifest_path), "sha256": manifest_digest(self.manifest_path)},
+                "data": {key: data.get(key) for key in DATA_IDENTITY},
+                "model": {key: model.get(key) for key in MODEL_IDENTITY},
+            }
+        )
+
+    def _root(self, cfg: Any) -> Path:
+        for spec in self._logger_specs(cfg):
+            args = spec.get("init_args") or {}
+            if args.get("save_dir"):
+                return Path(args["save_dir"]) / (args.get("name") if args.get("name") is not None else "lightning_logs")
+        if cfg.trainer.default_root_dir is not None:
+            return Path(cfg.trainer.default_root_dir)
+        return Path("runs") / (self.config_names[-1] if self.config_names else "medjdt")
+
+    @staticmethod
+    def _logger_specs(cfg: Any) -> list[dict[str, Any]]:
+        logger = cfg.trainer.logger
+        if logger is None or isinstance(logger, bool):
+            return []
+        specs = logger if isinstance(logger, list) else [logger]
+        return [_plain(s) for s in specs if hasattr(s, "class_path") or isinstance(s, Mapping)]
+
+    def _plan_fit(self, cfg: Any) -> None:
+        self.identity_value = self.identity(cfg)
+        ckpt = cfg.ckpt_path
+        if ckpt is None:
+            return
+        if ckpt == "last":
+            if cfg.run_dir is not None:
+                candidates = [Path(cfg.run_dir)]
+                root = Path(cfg.run_dir)
+            else:
+                root = self._root(cfg)
+                candidates = [p for p in root.glob("version_*") if p.is_dir()] if root.is_dir() else []
+            ckpt = str(find_resumable(candidates, self.identity_value, root))
+            cfg.ckpt_path = ckpt
+        elif ckpt in _CKPT_KEYWORDS:
+            raise ValueError(f"--ckpt_path {ckpt}: medjdt fit resumes from 'last' or from a checkpoint file")
+        from medjdt.models.checkpoints import read_checkpoint
+
+        info = read_checkpoint(ckpt, training_state=True)
+        self.checkpoint = Path(ckpt)
+        self.checkpoint_info = {"epoch": info.get("epoch"), "global_step": info.get("global_step")}
+        run = run_folder_of_checkpoint(ckpt)
+        if run is not None:
+            why = describe_mismatch(read_record(run).get("identity"), self.identity_value)
+            if why is not None:
+                raise ValueError(
+                    f"checkpoint {ckpt} belongs to run {run}, made with other settings ({why}); resume it with the "
+                    "settings it was trained with, or start a new run without --ckpt_path"
+                )
+            self.resuming = True
+            self.folder = run
+
+    def _plan_evaluation(self, cfg: Any) -> None:
+        ckpt = cfg.ckpt_path
+        if ckpt is None:
+            if not cfg.allow_untrained:
+                raise ValueError(
+                    f"medjdt {self.command} needs --ckpt_path (a trained checkpoint, e.g. "
+                    "runs/<config>/version_N/checkpoints/last.ckpt); pass --allow_untrained true to use the "
+                    "untrained network on purpose"
+                )
+            return
+        if ckpt in _CKPT_KEYWORDS:
+            raise ValueError(f"--ckpt_path {ckpt}: medjdt {self.command} needs the path of a checkpoint file")
+        from medjdt.models.checkpoints import read_checkpoint
+
+        info = read_checkpoint(ckpt)
+        self.checkpoint = Path(ckpt)
+        self.checkpoint_info = {"epoch": info.get("epoch"), "global_step": info.get("global_step")}
+        states = info.get("callbacks") or {}
+        self.checkpoint_dirs = {
+            key: state.get("dirpath") for key, state in states.items() if isinstance(state, dict) and "dirpath" in state
+        }
+
+    # ------------------------------------------------------------------ the run folder
+    def _inputs(self, cfg: Any) -> dict[str, Any]:
+        """What an evaluation's results depend on (see :func:`medjdt.runs.evaluation_folder`)."""
+        data = _plain(cfg.data)
+        keys = (*DATA_IDENTITY, "predict_on")
+        checkpoint = None
+        if self.checkpoint is not None:
+            checkpoint = {"path": str(self.checkpoint.absolute()), "sha256": file_digest(self.checkpoint)}
+        model = _plain(cfg.model)
+        return canonical(
+            {
+                "checkpoint": checkpoint,
+                "manifest": {"path": str(self.manifest_path), "sha256": manifest_digest(self.manifest_path)},
+                "data": {key: data.get(key) for key in keys},
+                "inference": {k: model.get(k) for k in ("roi_size", "sw_batch_size", "overlap", "blend_mode")},
+            }
+        )
+
+    def _claim(self, cfg: Any) -> None:
+        shared = os.environ.get(RUN_DIR_ENV)
+        if self.rank != 0:
+            # Other ranks of a distributed run use rank 0's folder (inherited through the environment on one node;
+            # elsewhere Lightning broadcasts rank 0's log_dir) and write nothing themselves.
+            self.folder = Path(shared) if shared else self.folder or self._root(cfg) / "pending"
+            self._configure_loggers(cfg)
+            return
+        inputs = None
+        if self.command == "fit":
+            if self.folder is None:
+                if cfg.run_dir is not None:
+                    self.folder = writable_folder(cfg.run_dir, "run folder (--run_dir)")
+                    self._check_foreign_run(self.folder)
+                else:
+                    explicit = self._explicit_version(cfg)
+                    if explicit is not None:
+                        self.folder = writable_folder(explicit, "run folder (logger version)")
+                        self._check_foreign_run(self.folder)
+                    else:
+                        self.folder = self._claim_version(cfg)
+        else:
+            inputs = self._inputs(cfg)
+            run = run_folder_of_checkpoint(self.checkpoint) if self.checkpoint is not None else None
+            if cfg.run_dir is not None:
+                self.folder = writable_folder(cfg.run_dir, "run folder (--run_dir)")
+            elif run is not None and "trainer.default_root_dir" not in self.explicit:
+                self.folder, self.created = evaluation_folder(run, self.command, self.checkpoint, inputs)
+            else:
+                self.folder = self._claim_version(cfg)
+        self.lock = RunLock(self.folder).acquire()
+        os.environ[RUN_DIR_ENV] = str(self.folder.absolute())
+        self._configure_loggers(cfg)
+        self._write_initial_record(cfg, inputs)
+
+    def _claim_version(self, cfg: Any) -> Path:
+        root = self._root(cfg)
+        self.created_root = None if root.exists() else root
+        self.created = True
+        return claim_version(root, self._root_what(cfg))
+
+    def _root_what(self, cfg: Any) -> str:
+        if self._logger_specs(cfg):
+            return "run root (the logger's save_dir)"
+        if cfg.trainer.default_root_dir is not None:
+            return "run root (trainer.default_root_dir)"
+        return "run root"
+
+    def _explicit_version(self, cfg: Any) -> Path | None:
+        for spec in self._logger_specs(cfg):
+            args = spec.get("init_args") or {}
+            if args.get("save_dir") and args.get("version") is not None:
+                version = args["version"]
+                name = f"version_{version}" if isinstance(version, int) else str(version)
+                return self._root(cfg) / name
+        return None
+
+    @staticmethod
+    def _check_foreign_run(folder: Path) -> None:
+        if (folder / "checkpoints" / "last.ckpt").is_file():
+            raise ValueError(
+                f"run folder {folder} already holds a trained run (checkpoints/last.ckpt); resume it with "
+                "--ckpt_path last, or choose another folder"
+            )
+
+    def _configure_loggers(self, cfg: Any) -> None:
+        """Point configured file loggers (those with a ``save_dir``) at the run folder, so that their ``log_dir``
+        is the folder (CSV and TensorBoard share it, and an evaluation logs next to its checkpoint's run)."""
+        specs = self._logger_specs(cfg)
+        self.user_loggers = bool(specs) or cfg.trainer.logger is False
+        if not specs or self.folder is None:
+            return
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and getattr(init_args, "save_dir", None):
+                init_args.save_dir = str(self.folder.parent)
+                init_args.name = ""
+                init_args.version = self.folder.name
+
+    def _session_entry(self) -> dict[str, Any]:
+        return {
+            "command": ["medjdt", *self.argv],
+            "cwd": os.getcwd(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "status": "running",
+            "resumed_from": str(self.checkpoint) if self.command == "fit" and self.checkpoint else None,
+        }
+
+    def _write_initial_record(self, cfg: Any, inputs: dict[str, Any] | None) -> None:
+        previous = read_record(self.folder) or {}
+        record = {
+            "kind": self.command,
+            "status": "running",
+            "created": previous.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
+            **environment(),
+            "sessions": [*previous.get("sessions", []), self._session_entry()],
+        }
+        if self.command == "fit":
+            record["identity"] = self.identity_value
+        else:
+            record["inputs"] = inputs
+        self.record = record
+        write_record(self.folder, record)
+
+    def _update(self, status: str, **fields: Any) -> None:
+        if self.folder is None or self.rank != 0 or not self.record:
+            return
+        self.record["status"] = status
+        self.record["sessions"][-1].update(status=status, ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.record.update(fields)
+        write_record(self.folder, self.record)
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(self, model: Any, datamodule: Any) -> None:
+        """Model and data agree, and every case of the stage is read, checked and cached (rank 0 only)."""
+        if getattr(model, "in_channels", None) is not None and model.in_channels != datamodule.in_channels:
+            raise ValueError(
+                f"the network takes in_channels={model.in_channels} but manifest {datamodule.manifest.path} declares "
+                f"in_channels={datamodule.in_channels} image channel(s)"
+            )
+        if self.rank == 0:
+            datamodule.prepare(self.command)
+        if self.check_only:
+            raise CheckPassed(self._check_summary(datamodule))
+        if self.command == "fit" and self.checkpoint is not None:
+            info = self.checkpoint_info
+            where = f"in its run folder {self.folder}" if self.resuming else f"in a new run folder {self.folder}"
+            self.say(f"medjdt fit: resuming {self.checkpoint} (epoch {info.get('epoch')}, step "
+                     f"{info.get('global_step')}) {where}")
+        if self.command == "fit" and self.resuming and self.checkpoint_info.get("global_step") is not None:
+            from medjdt.cli.loggers import truncate_metrics
+
+            truncate_metrics(self.folder, int(self.checkpoint_info["global_step"]))
+
+    def trainer_overrides(self) -> dict[str, Any]:
+        """Trainer arguments of the session: the run folder's loggers (unless loggers are configured)."""
+        if self.user_loggers or self.folder is None:
+            return {"default_root_dir": str(self.folder)} if self.folder is not None else {}
+        if self.command == "predict":
+            return {"logger": False, "default_root_dir": str(self.folder)}
+        from medjdt.cli.loggers import run_loggers
+
+        return {"logger": run_loggers(self.folder), "default_root_dir": str(self.folder)}
+
+    def _check_summary(self, datamodule: Any) -> str:
+        splits = datamodule.stage_records(self.command)
+        counts = ", ".join(f"{name} {len(records)}" for name, records in splits.items())
+        checkpoint = f"; checkpoint {self.checkpoint} readable" if self.checkpoint is not None else ""
+        return (
+            f"medjdt check: {self.command} can start: manifest {self.manifest_path} ({counts} case(s); "
+            f"{datamodule.num_classes} classes {datamodule.class_names}, {datamodule.in_channels} image channel(s)); "
+            f"every case read, checked and cached in {datamodule.cache_dir}{checkpoint}"
+        )
+
+    # ------------------------------------------------------------------ end
+    def finish(self, fields: Mapping[str, Any] | None = None) -> None:
+        """Mark the run finished and give the folder back."""
+        self._update("finished", **dict(fields or {}))
+        self._release()
+
+    def abort(self, err: BaseException, stopped: bool = False) -> None:
+        """After an error: a run that left nothing of value is removed; otherwise its record says how it ended."""
+        try:
+            if self.folder is not None and self.rank == 0 and self.created and not self._has_results():
+                self._remove_folder()
+            else:
+                self._update("stopped" if stopped else "failed", error=" ".join(str(err).split())[:500])
+        finally:
+            self._release()
+
+    def _has_results(self) -> bool:
+        folder = self.folder
+        if folder is None or not folder.is_dir():
+            return False
+        if any((folder / "checkpoints").glob("*.ckpt")) if (folder / "checkpoints").is_dir() else False:
+            return True
+        return any(folder.glob("*_probs.nii.gz")) or any(folder.glob("*_per_case.csv"))
+
+    def _remove_folder(self) -> None:
+        import shutil
+
+        if self.lock is not None:
+            self.lock.release()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        parent = self.folder.parent
+        # the <run>/<stage>/ folder of an evaluation, when this was its only content
+        if self.command != "fit" and parent.name == self.command and not any(parent.iterdir()):
+            parent.rmdir()
+        # a run root this command created (runs/<config>), when nothing else is in it
+        for root in (self.created_root, *(self.created_root.parents if self.created_root else ())):
+            try:
+                root.rmdir()
+            except OSError:
+                break
+        self.folder = None
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        os.environ.pop(RUN_DIR_ENV, None)
+
+    def say(self, message: str) -> None:
+        """A line of the summary (rank 0, stdout)."""
+        if self.rank == 0:
+            print(message, file=sys.stdout, flush=True)
