@@ -85,7 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_training_cli(argv)
         parser = _build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not getattr(args, "passthrough", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if getattr(args, "passthrough", False):
+            args.overrides = [a for a in unknown if a != "--"]
         if args.command is None:
             parser.print_help()
             return 0

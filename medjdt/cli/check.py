@@ -22,7 +22,9 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
         "--stage", choices=("fit", "validate", "test", "predict"), default="fit",
         help="the command whose checks run (default fit)",
     )
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="further medjdt fit options, e.g. --data.fold 1")
+    # every other option goes to the training command as it is (see medjdt fit --help)
+    parser.set_defaults(passthrough=True)
+    parser.usage = "medjdt check [-h] --config CONFIG [--stage STAGE] [medjdt fit options ...]"
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -32,8 +34,7 @@ def run_check(args: argparse.Namespace) -> int:
     argv = [args.stage]
     for config in args.config:
         argv += ["--config", config]
-    overrides = [a for a in args.overrides if a != "--"]
-    return check_training_cli([*argv, *overrides])
+    return check_training_cli([*argv, *args.overrides])
 
 
 COMMANDS = {"check": (CHECK_HELP, add_check_arguments, run_check)}

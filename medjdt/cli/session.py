@@ -133,6 +133,8 @@ class RunSession:
         self.resuming = False
         # state key -> dirpath of the checkpoint callbacks that wrote the evaluated checkpoint
         self.checkpoint_dirs: dict[str, str] = {}
+        # checkpoints the state of the resumed checkpoint's callbacks refers to (best, top-k, last)
+        self.kept_checkpoints: set[str] = set()
         self.user_loggers = False
         self.manifest_path: Path | None = None
         self.started = time.monotonic()
@@ -214,7 +216,8 @@ class RunSession:
         model = _plain(cfg.model)
         return canonical(
             {
-                "manifest": {"path": str(self.manifest_path), "sha256": manifest_digest(self.manifest_path)},
+                # the content, not the path: a dataset moved elsewhere is still the same dataset
+                "manifest": {"sha256": manifest_digest(self.manifest_path)},
                 "data": {key: data.get(key) for key in DATA_IDENTITY},
                 "model": {key: model.get(key) for key in MODEL_IDENTITY},
             }
@@ -258,6 +261,13 @@ class RunSession:
         info = read_checkpoint(ckpt, training_state=True)
         self.checkpoint = Path(ckpt)
         self.checkpoint_info = {"epoch": info.get("epoch"), "global_step": info.get("global_step")}
+        self.kept_checkpoints = {
+            str(path)
+            for state in (info.get("callbacks") or {}).values() if isinstance(state, dict)
+            for path in (state.get("best_model_path"), state.get("kth_best_model_path"), state.get("last_model_path"),
+                         *(state.get("best_k_models") or {}))
+            if path
+        }
         run = run_folder_of_checkpoint(ckpt)
         if run is not None:
             why = describe_mismatch(read_record(run).get("identity"), self.identity_value)
@@ -339,6 +349,9 @@ class RunSession:
                 self.folder, self.created = evaluation_folder(run, self.command, self.checkpoint, inputs)
             else:
                 self.folder = self._claim_version(cfg)
+        # Absolute, so that the checkpoint callbacks record a folder that a resume from another working directory
+        # (a requeued cluster job) recognises as the same, and restores their best-score state.
+        self.folder = Path(os.path.abspath(self.folder))
         self.lock = RunLock(self.folder).acquire()
         os.environ[RUN_DIR_ENV] = str(self.folder.absolute())
         self._configure_loggers(cfg)
@@ -409,6 +422,7 @@ class RunSession:
             **environment(),
             "sessions": [*previous.get("sessions", []), self._session_entry()],
         }
+        record["manifest"] = {"path": str(self.manifest_path), "sha256": manifest_digest(self.manifest_path)}
         if self.command == "fit":
             record["identity"] = self.identity_value
         else:
@@ -445,6 +459,19 @@ class RunSession:
             from medjdt.cli.loggers import truncate_metrics
 
             truncate_metrics(self.folder, int(self.checkpoint_info["global_step"]))
+            self._remove_orphan_checkpoints()
+
+    def _remove_orphan_checkpoints(self) -> None:
+        """Delete the checkpoints a killed run wrote after the one this run resumes from and that the resumed
+        state does not know (a best checkpoint of an epoch that will be trained again): they would stay as a
+        second "best" beside the real one."""
+        folder = self.folder / "checkpoints"
+        resumed = self.checkpoint.stat().st_mtime_ns
+        kept = {os.path.realpath(p) for p in self.kept_checkpoints} | {os.path.realpath(self.checkpoint)}
+        for path in sorted(folder.glob("*.ckpt")):
+            if os.path.realpath(path) not in kept and path.stat().st_mtime_ns > resumed:
+                path.unlink()
+                self.say(f"medjdt fit: removed {path}, written after {self.checkpoint.name} by the interrupted run")
 
     def trainer_overrides(self) -> dict[str, Any]:
         """Trainer arguments of the session: the run folder's loggers (unless loggers are configured)."""
@@ -501,11 +528,12 @@ class RunSession:
         if self.command != "fit" and parent.name == self.command and not any(parent.iterdir()):
             parent.rmdir()
         # a run root this command created (runs/<config>), when nothing else is in it
-        for root in (self.created_root, *(self.created_root.parents if self.created_root else ())):
-            try:
-                root.rmdir()
-            except OSError:
-                break
+        if self.created_root is not None:
+            for root in (self.created_root, *self.created_root.parents):
+                try:
+                    root.rmdir()
+                except OSError:
+                    break
         self.folder = None
 
     def _release(self) -> None:

@@ -14,6 +14,16 @@ from medjdt.cli.session import RunSession
 
 __all__ = ["summarise"]
 
+
+def _shown(path: str | Path | None) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to read), else as it is."""
+    if path is None:
+        return ""
+    try:
+        return str(Path(path).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
 _STAGE_PREFIX = {"fit": "val", "validate": "val", "test": "test"}
 
 
@@ -72,22 +82,22 @@ def summarise(cli: Any, session: RunSession) -> dict[str, Any]:
         lines.append(
             f"medjdt fit: done, {trainer.current_epoch} epoch(s), {trainer.global_step} step(s) in {seconds:.0f} s"
         )
-        lines.append(f"  run folder       {folder}")
+        lines.append(f"  run folder       {_shown(folder)}")
         best = _best(trainer)
         if best is not None and best.best_model_path:
             score = best.best_model_score
             shown = f" ({best.monitor} {float(score):.4f})" if score is not None else ""
-            lines.append(f"  best checkpoint  {best.best_model_path}{shown}")
+            lines.append(f"  best checkpoint  {_shown(best.best_model_path)}{shown}")
             fields["best_checkpoint"] = best.best_model_path
             fields["best_score"] = None if score is None else float(score)
         last = Path(folder) / "checkpoints" / "last.ckpt" if folder is not None else None
         if last is not None and last.is_file():
-            lines.append(f"  last checkpoint  {last}")
+            lines.append(f"  last checkpoint  {_shown(last)}")
             fields["last_checkpoint"] = str(last)
     else:
         lines.append(f"medjdt {command}: done in {seconds:.0f} s")
         lines.append(f"  checkpoint       {session.checkpoint or 'none (untrained network)'}")
-        lines.append(f"  outputs          {folder}")
+        lines.append(f"  outputs          {_shown(folder)}")
     prefix = _STAGE_PREFIX.get(command)
     if prefix is not None and f"{prefix}/dice" in metrics:
         split = "val" if prefix == "val" else "test"
@@ -98,14 +108,14 @@ def summarise(cli: Any, session: RunSession) -> dict[str, Any]:
             "Dice vs the raters' majority vote, soft Dice and calibration vs their mean):"
         )
         lines += _table(metrics, prefix, class_names)
-        lines.append(f"  per case         {Path(folder) / f'{prefix}_per_case.csv'}")
+        lines.append(f"  per case         {_shown(Path(folder) / f'{prefix}_per_case.csv')}")
     if command == "predict":
         writer = next((c for c in trainer.callbacks if type(c).__name__ == "NiftiPredictionWriter"), None)
         directory = writer.directory(trainer) if writer is not None else Path(folder)
         cases = [record.case_id for record in datamodule.datasets["predict"].data]
         fields["predictions"] = str(directory)
         fields["cases"] = cases
-        lines.append(f"  predictions      {len(cases)} case(s) in {directory} (<case>_probs.nii.gz, _label.nii.gz)")
+        lines.append(f"  predictions      {len(cases)} case(s) in {_shown(directory)} (*_probs.nii.gz, *_label.nii.gz)")
         manifest = str(session.manifest_path)
         evaluate = shlex.join(["medjdt", "evaluate", "--manifest", manifest, "--predictions", str(directory),
                                "--out", str(Path(folder) / "evaluation.csv")])

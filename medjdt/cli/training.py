@@ -95,6 +95,9 @@ def run_training_cli(argv: Sequence[str]) -> int:
 
             cli = build_cli(argv, session)
         except BaseException as err:
+            from medjdt.data.datasets import stop_data_workers
+
+            stop_data_workers()  # they ignore SIGTERM, so the interpreter's exit would wait for them forever
             stopped = _stop_message(session, err, argv)
             session.abort(err, stopped=stopped is not None)
             if stopped is not None:

@@ -9,8 +9,10 @@ would have. Worker processes ignore SIGINT and SIGTERM: the main process stops t
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,7 +28,7 @@ from medjdt.data.io import read_image
 from medjdt.data.manifest import CaseRecord
 from medjdt.data.preprocess import PreprocessSettings, preprocess_case
 
-__all__ = ["CaseDataset", "CaseLoader", "EpochSampler", "UnlabelledCases", "worker_init"]
+__all__ = ["CaseDataset", "CaseLoader", "EpochSampler", "UnlabelledCases", "stop_data_workers", "worker_init"]
 
 
 def item_seed(seed: int, epoch: int, position: int, index: int) -> int:
@@ -109,10 +111,30 @@ class CaseDataset(Dataset):
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader worker start-up: MONAI's per-worker seeding, and SIGINT/SIGTERM left to the main process."""
+    """DataLoader worker start-up: MONAI's per-worker seeding, and SIGINT/SIGTERM left to the main process.
+
+    A scheduler's SIGTERM and a terminal's Ctrl-C reach every process of the job; a worker that died of them would
+    make the main process fail with "DataLoader worker exited unexpectedly" before it could stop cleanly. Since
+    the workers then also ignore the SIGTERM by which Python's exit would end them, a process that stops early
+    calls :func:`stop_data_workers` first.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     monai_worker_init_fn(worker_id)
+
+
+def stop_data_workers(timeout: float = 5.0) -> int:
+    """Kill this process's worker processes (DataLoader workers ignore SIGTERM, see :func:`worker_init`); returns
+    how many there were. Call it only when no DataLoader will be iterated again, e.g. before exiting."""
+    children = multiprocessing.active_children()
+    if children and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would raise "DataLoader worker is killed" in the middle of this
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout)
+    return len(children)
 
 
 class UnlabelledCases:

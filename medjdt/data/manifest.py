@@ -200,7 +200,8 @@ def _check_frame(frame: pd.DataFrame, where: str, num_folds: int | None) -> pd.D
         raise ValueError(f"{where}: the manifest is empty (no rows)")
     frame = frame.copy()
     if frame["case_id"].isna().any():
-        raise ValueError(f"{where}: row(s) {list(np.flatnonzero(frame['case_id'].isna()) + 2)} have no case_id")
+        lines = ", ".join(str(int(i) + 2) for i in np.flatnonzero(frame["case_id"].isna()))
+        raise ValueError(f"{where}: line(s) {lines} have no case_id")
     frame["case_id"] = frame["case_id"].astype(str)
     empty = {col: frame[col].isna() | (frame[col].astype(str).str.strip() == "") for col in ("image", "label", "rater")}
     unlabelled = empty["label"] & empty["rater"]

@@ -89,7 +89,7 @@ def check_case_geometry(
     Raises:
         ValueError: one line naming the failing cases, files and values (see :func:`case_problems`).
     """
-    problems = []
+    problems, too_small = [], []
     budget = max_case_gb * 2**30
     for record in records:
         try:
@@ -113,15 +113,19 @@ def check_case_geometry(
             )
             continue
         if patch_size is not None and np.any(np.asarray(patch_size) > shape):
-            problems.append(
-                f"patch_size {list(patch_size)} is larger than case {record.case_id!r} after preprocessing "
-                f"({[int(s) for s in shape]} voxels at spacing {settings.spacing}); use a smaller data.patch_size "
-                "or a finer data.spacing"
-            )
+            too_small.append(f"{record.case_id!r} {[int(s) for s in shape]}")
     if len(problems) == 1:
         raise ValueError(problems[0])
     if problems:
         raise case_problems(problems, len(records))
+    if too_small:
+        shown = ", ".join(too_small[:_SHOWN]) + (f" (and {len(too_small) - _SHOWN} more)" if len(too_small) > _SHOWN
+                                                 else "")
+        raise ValueError(
+            f"patch_size {list(patch_size)} is larger than {len(too_small)} of {len(records)} case(s) after "
+            f"preprocessing at spacing {settings.spacing}: {shown}; use a smaller data.patch_size or a finer "
+            "data.spacing"
+        )
 
 
 @dataclass(frozen=True)

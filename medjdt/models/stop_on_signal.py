@@ -77,7 +77,7 @@ class StopOnSignal(Callback):
             self.signal = "SIGTERM"
         self.epoch, self.step = trainer.current_epoch, trainer.global_step
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self.checkpoint = path
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
