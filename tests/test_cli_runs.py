@@ -371,7 +371,7 @@ def _bad(kind: str, manifest: Path, tmp: Path) -> tuple[list[str], str]:
     if kind == "mistyped config key":
         config = tmp / "typo.yaml"
         config.write_text("data:\n  fusoin: mean\n")
-        return ["--config", str(config)], "fusoin"
+        return ["--config", str(config)], "unknown config key data.fusoin (did you mean data.fusion?)"
     if kind == "truncated checkpoint":
         ckpt = tmp / "cut.ckpt"
         ckpt.write_bytes(b"PK\x03\x04" + os.urandom(300))

@@ -105,7 +105,8 @@ def _corrupt(kind: str, case):
         moved = AFFINE.copy()
         moved[1, 3] += 1.0
         _save(np.zeros(SHAPE, np.uint8), label, affine=moved)
-        return case, rf"case 'c0': label .*{label.name} is not on the grid of image .*c0\.nii\.gz: their affines differ by up to 1 mm"
+        return case, (rf"case 'c0': label .*{label.name} is not on the grid of image .*c0\.nii\.gz: their affines "
+                      r"differ by up to 1 mm")
     if kind == "label out of range":
         bad = np.zeros(SHAPE, np.uint8)
         bad[0, 0, 0] = 3

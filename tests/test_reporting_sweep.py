@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from medjdt.cli import main
-from medjdt.data import make_phantom_dataset, read_manifest
+from medjdt.data import read_manifest
 from medjdt.reporting.sweep import plan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ TINY_NET = (
 def tiny_overrides(manifest: Path) -> list[str]:
     """``medjdt fit`` options for a one-epoch run of a tiny network on tiny phantoms."""
     return [
-        "--data.manifest", str(manifest), "--data.demo", "null", "--data.num_folds", "3",
+        "--data.manifest", str(manifest), "--data.demo", "null",
         "--data.patch_size", "[16, 16, 16]", "--data.batch_size", "2", "--data.num_workers", "0",
         "--data.samples_per_volume", "1", "--model.network", TINY_NET, "--model.sw_batch_size", "2",
         "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.log_every_n_steps", "1",
@@ -40,7 +40,10 @@ def tiny_overrides(manifest: Path) -> list[str]:
 def sweep(tmp_path_factory) -> tuple[Path, Path, str]:
     """A finished sweep (mean and majority, seed 0): (manifest, sweep folder, printed output)."""
     root = tmp_path_factory.mktemp("sweep")
-    manifest = make_phantom_dataset(root / "phantoms", cases=6, raters=3, shape=(16, 16, 16), dims=3, seed=0, folds=3)
+    # a fresh demo-data manifest, trained as it is (its folds are read from it)
+    assert main(["demo-data", "--out", str(root / "phantoms"), "--cases", "6", "--shape", "16", "16", "16",
+                 "--folds", "3"]) == 0
+    manifest = root / "phantoms" / "manifest.csv"
     out = root / "runs"
     capture = root / "stdout.txt"
     with capture.open("w") as f, contextlib.redirect_stdout(f):

@@ -17,6 +17,8 @@ checkpoint's, e.g. ``medjdt predict --ckpt_path ... --model.sw_batch_size 8``.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import re
 import warnings
@@ -35,8 +37,10 @@ from medjdt.models.semi import SemiSupervisedModule
 
 __all__ = ["MedjdtCLI", "build_cli", "current_stop"]
 
-# Lightning advertises a cloud logger on every run; the command's output should be about the run only.
+# Lightning advertises a cloud logger on every run, and announces the seed before anything is checked (run.json
+# records it): the command's output should be about the run, and a bad input's message the only line.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "💡" not in record.getMessage())
+logging.getLogger("lightning_fabric.utilities.seed").addFilter(lambda record: "Seed set to" not in record.getMessage())
 
 _STOP: list[StopOnSignal] = []
 
@@ -59,6 +63,16 @@ class Heartbeat(Callback):
     on_train_batch_end = on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _beat
 
 
+def _init_arguments(class_path: str) -> list[str]:
+    """The ``__init__`` argument names of ``class_path`` (for suggestions; empty when it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+
+
 def _explain(err: ArgumentError, parser: Any) -> str:
     """A one-line account of a command-line or config error, with a suggestion for a mistyped key."""
     text = " ".join(str(err).split())
@@ -68,8 +82,11 @@ def _explain(err: ArgumentError, parser: Any) -> str:
     if unknown:
         name = unknown.group(1).split("=", 1)[0]
         return f"unknown option {name}{did_you_mean(name, options)}; see medjdt <command> --help"
+    nested = re.search(r"Problem with given class_path '([\w.]+)': Option '(\w+)' is not accepted", text)
+    if nested:
+        return f"{text}{did_you_mean(nested.group(2), _init_arguments(nested.group(1)))}"
     key = re.search(r"[Kk]ey ['\"]([\w.]+)['\"] is not expected", text) or re.search(
-        r"No action for key ['\"]([\w.]+)['\"]", text)
+        r"(?:No action for key|does not accept option) ['\"]([\w.]+)['\"]", text)
     if key:
         name = "--" + key.group(1)
         return f"unknown config key {key.group(1)}{did_you_mean(name, options).replace('--', '')}"

@@ -55,6 +55,8 @@ MODEL_IDENTITY = ("network", "jdt", "ce_weight", "jdt_weight", "teacher", "semi"
 # Values of Lightning's ckpt_path that are not files.
 _CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 RUN_DIR_ENV = "MEDJDT_RUN_DIR"
+_LIGHTNING_CSV_LOGGERS = ("pytorch_lightning.loggers.CSVLogger", "pytorch_lightning.loggers.csv_logs.CSVLogger",
+                          "lightning.pytorch.loggers.CSVLogger")
 
 __all__ = ["CheckPassed", "RunSession", "global_rank"]
 
@@ -396,6 +398,10 @@ class RunSession:
             return
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
         for logger in loggers:
+            if getattr(logger, "class_path", None) in _LIGHTNING_CSV_LOGGERS:
+                # the same logger, except that it continues a resumed run's metrics.csv instead of deleting it (and
+                # does not warn about the run folder's own files)
+                logger.class_path = "medjdt.cli.loggers.RunCSVLogger"
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and getattr(init_args, "save_dir", None):
                 init_args.save_dir = str(self.folder.parent)

@@ -23,7 +23,9 @@ def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
         "--root", required=True, help="dataset folder (for KiTS also the repository root holding dataset/ or data/)"
     )
     parser.add_argument("--out", required=True, help="manifest CSV to write (QUBIQ: one per dataset and task)")
-    parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default 5)")
+    parser.add_argument(
+        "--folds", type=int, default=None, help="number of cross-validation folds (default 5, at most the cases)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument(

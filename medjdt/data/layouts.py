@@ -284,7 +284,7 @@ def build_manifest(
     layout: str,
     root: str | os.PathLike,
     out: str | os.PathLike,
-    folds: int = 5,
+    folds: int | None = None,
     seed: int = 0,
     unlabelled: str = "error",
 ) -> list[Path]:
@@ -292,7 +292,9 @@ def build_manifest(
 
     ``out`` is the manifest CSV (its metadata goes to the same name with ``.json``). QUBIQ writes one manifest
     per dataset and task, named ``<out stem>_<dataset>_task<TT>.csv`` next to ``out``. Folds come from
-    :func:`medjdt.data.manifest.assign_folds` (all raters of a case share the fold). ``unlabelled``: policy for
+    :func:`medjdt.data.manifest.assign_folds` (all raters of a case share the fold); ``folds`` defaults to 5, or to
+    the number of labelled cases when there are fewer (an explicit ``folds`` larger than that is an error).
+    ``unlabelled``: policy for
     cases without annotation (``"error"``, ``"skip"``, ``"include"``); included unlabelled cases are dealt into
     folds separately, so the labelled cases' folds are those of ``"skip"``.
     """
@@ -302,10 +304,12 @@ def build_manifest(
     specs = scan_layout(layout, root, unlabelled)
     written = []
     for spec in specs:
-        fold_of = assign_folds([r["case_id"] for r in spec.rows], folds, seed)
+        case_ids = [r["case_id"] for r in spec.rows]
+        spec_folds = min(5, len(set(case_ids))) if folds is None else folds
+        fold_of = assign_folds(case_ids, spec_folds, seed)
         if spec.unlabelled_rows:
             unlabelled_ids = [r["case_id"] for r in spec.unlabelled_rows]
-            fold_of.update(assign_folds(unlabelled_ids, folds, seed, allow_empty_folds=True))
+            fold_of.update(assign_folds(unlabelled_ids, spec_folds, seed, allow_empty_folds=True))
         rows = [{**r, "fold": fold_of[r["case_id"]]} for r in spec.rows + spec.unlabelled_rows]
         path = out.with_name(f"{out.stem}{spec.suffix}.csv")
         extra = {
@@ -324,7 +328,7 @@ def build_manifest(
                 modality=spec.modality,
                 spatial_dims=spec.spatial_dims,
                 in_channels=spec.in_channels,
-                num_folds=folds,
+                num_folds=spec_folds,
                 extra_metadata=extra,
             )
         )
