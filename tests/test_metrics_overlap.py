@@ -41,7 +41,7 @@ def test_dice_and_iou_match_monai(spatial, include_background):
     torch.testing.assert_close(iou(probs, labels, include_background=include_background), monai_iou)
 
 
-def test_empty_rules_against_monai():
+def test_absent_and_empty_rules_against_monai():
     # Class 2 is absent from the reference everywhere; in image 0 the prediction has none either (both empty),
     # in image 1 the prediction has some (reference empty only).
     probs = _probs((2, 3, 10, 10), seed=2)
@@ -50,15 +50,45 @@ def test_empty_rules_against_monai():
     labels = _labels((2, 10, 10), 2, seed=2)
     predicted, reference = _argmax_one_hot(probs), _one_hot(labels, 3)
     assert predicted[0, 2].sum() == 0 and predicted[1, 2].sum() > 0
-    # MONAI ignore_empty=False: both empty -> 1, reference empty -> 0; that is empty="one".
-    monai_one = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(predicted, reference)
-    torch.testing.assert_close(dice(probs, labels, include_background=True, empty="one"), monai_one)
+    # The default rule: a class absent from the reference is left out (NaN) whatever the prediction, as MONAI's
+    # ignore_empty=True does; a stray predicted voxel does not turn it into 0.
+    monai_ignore = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(predicted, reference)
     default = dice(probs, labels, include_background=True)
-    assert torch.isnan(default[0, 2]) and default[1, 2] == 0
-    torch.testing.assert_close(default[:, :2], monai_one[:, :2])
-    assert dice(probs, labels, include_background=True, empty="zero")[0, 2] == 0
+    torch.testing.assert_close(default, monai_ignore, equal_nan=True)
+    assert torch.isnan(default[:, 2]).all()
+    iou_ignore = MeanIoU(include_background=True, reduction="none", ignore_empty=True)(predicted, reference)
+    torch.testing.assert_close(iou(probs, labels, include_background=True), iou_ignore, equal_nan=True)
+    # absent="score": MONAI ignore_empty=False (both empty -> 1, reference empty -> 0) is empty="one".
+    monai_one = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(predicted, reference)
+    torch.testing.assert_close(dice(probs, labels, include_background=True, absent="score", empty="one"), monai_one)
+    scored = dice(probs, labels, include_background=True, absent="score")
+    assert torch.isnan(scored[0, 2]) and scored[1, 2] == 0
+    assert dice(probs, labels, include_background=True, absent="score", empty="zero")[0, 2] == 0
     iou_one = MeanIoU(include_background=True, reduction="none", ignore_empty=False)(predicted, reference)
-    torch.testing.assert_close(iou(probs, labels, include_background=True, empty="one"), iou_one)
+    torch.testing.assert_close(iou(probs, labels, include_background=True, absent="score", empty="one"), iou_one)
+
+
+def test_one_absent_class_rule_for_every_overlap_metric_on_hand_made_masks():
+    # 1-D "volumes" of 6 voxels, classes 0..2. Reference: class 1 on voxels 0-2, class 2 nowhere.
+    labels = torch.tensor([[1, 1, 1, 0, 0, 0]])
+    probs = torch.zeros(1, 3, 6)
+    probs[0, 1, :3] = 1.0  # class 1 exactly right
+    probs[0, 0, 3:] = 1.0
+    probs = probs[..., None]  # (1, 3, 6, 1): two spatial dims
+    labels = labels[..., None]
+    stray = probs.clone()
+    stray[0, :, 5, 0] = torch.tensor([0.0, 0.0, 1.0])  # one stray voxel of the absent class 2
+    for prediction in (probs, stray):
+        for metric in (dice, iou, soft_dice, thresholded_dice):
+            scores = metric(prediction, labels)
+            assert scores[0, 0] == pytest.approx(1.0), metric.__name__  # class 1 present: scored
+            assert torch.isnan(scores[0, 1]), metric.__name__  # class 2 absent: left out, stray voxel or not
+    # A soft reference: class 2 has mass 0.25 on voxel 5 (one rater of four) -> present for the soft metrics,
+    # absent for the hard ones (its argmax has no class-2 voxel).
+    soft = torch.nn.functional.one_hot(labels[..., 0], 3).permute(0, 2, 1).float()[..., None]
+    soft[0, :, 5, 0] = torch.tensor([0.75, 0.0, 0.25])
+    assert torch.isnan(dice(stray, soft)[0, 1])
+    assert not torch.isnan(soft_dice(stray, soft)[0, 1]) and not torch.isnan(thresholded_dice(stray, soft)[0, 1])
 
 
 def test_thresholded_prediction_matches_monai_multilabel():

@@ -136,17 +136,20 @@ def test_pooled_calibration_equals_functional_on_all_voxels(volumes):
     metric.update(probs, target, ["a", "b"], mask)
     out = metric.compute()
     p, t, m = _side_by_side(probs, target, mask)
-    torch.testing.assert_close(out["ece"], expected_calibration_error(p, t, mask=m)[0].double())
+    # "_D": pooled over every voxel of the dataset, as the functional metrics on all voxels side by side
+    torch.testing.assert_close(out["ece_D"], expected_calibration_error(p, t, mask=m)[0].double())
     classwise = expected_calibration_error(p, t, kind="classwise", mask=m)[0].double()
-    torch.testing.assert_close(out["ece_classwise"], classwise.mean())
-    torch.testing.assert_close(out["ece_classwise/2"], classwise[2])
-    torch.testing.assert_close(out["brier"], brier_score(p, t, mask=m)[0].double())
+    torch.testing.assert_close(out["ece_classwise_D"], classwise.mean())
+    torch.testing.assert_close(out["ece_classwise_D/2"], classwise[2])
+    torch.testing.assert_close(out["brier_D"], brier_score(p, t, mask=m)[0].double())
     # The functional NLL is a float32 result (its own rounding ~1e-7 relative), the streaming one float32 logs
     # summed in float64: they agree to float32 resolution.
-    torch.testing.assert_close(out["nll"], nll(p, t, mask=m)[0].double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out["nll_D"], nll(p, t, mask=m)[0].double(), rtol=1e-6, atol=1e-7)
+    # the unsuffixed names (and "_I") are means over cases, as for the overlap metrics
     per_case = metric.per_case()
     for key in ("ece", "brier", "nll"):
         assert out[f"{key}_I"].item() == pytest.approx(per_case[key].mean())
+        assert out[key].item() == pytest.approx(per_case[key].mean())
     bins = metric.reliability()
     reference = reliability_bins(p, t, mask=m)
     assert list(bins.columns) == ["bin_lower", "bin_upper", "count", "confidence", "accuracy"]
@@ -292,7 +295,11 @@ def test_compute_keys():
         "ece_classwise_I",
         "brier_I",
         "nll_I",
-        "ece_classwise/lesion",
+        "ece_D",
+        "ece_classwise_D",
+        "brier_D",
+        "nll_D",
+        "ece_classwise_D/lesion",
     }
     overlap = OverlapMetrics(num_classes=2, class_names=["background", "lesion"], worst_percent=(5, 10))
     overlap.update(_probs((1, 2, 4, 4), seed=7), _labels((1, 4, 4), 2, seed=7), ["c"])

@@ -117,8 +117,14 @@ def test_metrics_match_independent_references(phantoms, tmp_path):
             rater_one_hot = np.stack([raters[r] == c for c in range(C)])
             row = _row(results, case_id, "rater", "others_mean", name)
             assert row["brier"] == pytest.approx(((rater_one_hot - others_mean) ** 2).sum(0).mean(), abs=1e-5)
-    # Two references for the model, then per rater: the rater, and others' mean and majority for model and rater.
-    assert len(results) == sum(2 + 5 * len(names) for _, names, _ in cases.values())
+        # the inter-rater ceiling: every pair of raters, one against the other, averaged
+        pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+        row = _row(results, case_id, "raters", "pairwise")
+        assert row["dice"] == pytest.approx(np.mean([_dice(raters[j], raters[i]) for i, j in pairs]), abs=1e-6)
+        assert row["grid"] == "original"
+    # Two references for the model, then per rater: the rater, and others' mean and majority for model and rater;
+    # and the pairwise inter-rater row.
+    assert len(results) == sum(3 + 5 * len(names) for _, names, _ in cases.values())
     assert not results.duplicated(["case_id", "predictor", "rater", "reference"]).any()
 
 

@@ -85,11 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_training_cli(argv)
         parser = _build_parser()
-        args, unknown = parser.parse_known_args(argv)
-        if unknown and not getattr(args, "passthrough", False):
+        # Everything after the first "--" is medjdt fit options for the commands that pass them on (sweep, study,
+        # check), kept apart before argparse sees them.
+        head, tail = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+        args, unknown = parser.parse_known_args(head)
+        passthrough = getattr(args, "passthrough", False)
+        if unknown and not passthrough:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        if getattr(args, "passthrough", False):
-            args.overrides = [a for a in unknown if a != "--"]
+        if tail and not hasattr(args, "overrides") and not passthrough:
+            parser.error(f"medjdt {args.command} takes no options after --")
+        if passthrough:
+            args.overrides = [*unknown, *tail]
+        elif hasattr(args, "overrides"):
+            args.overrides = [*(args.overrides or []), *tail]
         if args.command is None:
             parser.print_help()
             return 0

@@ -243,6 +243,10 @@ class RunSession:
         return [_plain(s) for s in specs if hasattr(s, "class_path") or isinstance(s, Mapping)]
 
     def _plan_fit(self, cfg: Any) -> None:
+        if cfg.model.temperature == "auto":
+            raise ValueError(
+                "--model.temperature auto applies to validate, test and predict of a trained checkpoint, not to fit"
+            )
         self.identity_value = self.identity(cfg)
         ckpt = cfg.ckpt_path
         if ckpt is None:
@@ -284,6 +288,8 @@ class RunSession:
     def _plan_evaluation(self, cfg: Any) -> None:
         ckpt = cfg.ckpt_path
         if ckpt is None:
+            if cfg.model.temperature == "auto":
+                raise ValueError("--model.temperature auto needs --ckpt_path: it is fitted for a trained checkpoint")
             if not cfg.allow_untrained:
                 raise ValueError(
                     f"medjdt {self.command} needs --ckpt_path (a trained checkpoint, e.g. "
@@ -298,10 +304,24 @@ class RunSession:
         info = read_checkpoint(ckpt)
         self.checkpoint = Path(ckpt)
         self.checkpoint_info = {"epoch": info.get("epoch"), "global_step": info.get("global_step")}
+        if cfg.model.temperature == "auto":
+            self._resolve_temperature(cfg)
         states = info.get("callbacks") or {}
         self.checkpoint_dirs = {
             key: state.get("dirpath") for key, state in states.items() if isinstance(state, dict) and "dirpath" in state
         }
+
+    def _resolve_temperature(self, cfg: Any) -> None:
+        """``--model.temperature auto``: the checkpoint's temperature, fitted on its run's validation fold."""
+        from medjdt.cli.calibration import resolve_temperature
+
+        if self.check_only:
+            from medjdt.cli.calibration import _run_data
+
+            _run_data(self.checkpoint)  # the run's validation data can be found: auto would work
+            cfg.model.temperature = None
+            return
+        cfg.model.temperature = resolve_temperature(self.checkpoint, say=self.say)
 
     # ------------------------------------------------------------------ the run folder
     def _inputs(self, cfg: Any) -> dict[str, Any]:
@@ -317,7 +337,9 @@ class RunSession:
                 "checkpoint": checkpoint,
                 "manifest": {"path": str(self.manifest_path), "sha256": manifest_digest(self.manifest_path)},
                 "data": {key: data.get(key) for key in keys},
-                "inference": {k: model.get(k) for k in ("roi_size", "sw_batch_size", "overlap", "blend_mode")},
+                "inference": {
+                    k: model.get(k) for k in ("roi_size", "sw_batch_size", "overlap", "blend_mode", "temperature")
+                },
             }
         )
 

@@ -3,9 +3,18 @@
 Every metric is a ratio of per-(image, class) sums (:class:`OverlapSums`); the streaming
 :class:`~medjdt.metrics.OverlapMetrics` accumulates the same sums over chunks and cases.
 
-"Both empty" rule (``empty``): when prediction and reference are both empty for a class (the denominator is 0)
-the score is undefined. ``"nan"`` (default) reports NaN so the pair is left out of every mean; ``"one"`` counts it
-as perfect agreement (MONAI's ``DiceMetric(ignore_empty=False)``); ``"zero"`` counts it as a miss.
+Absent classes (``absent``), the one rule of every overlap metric: a class is **absent** from a case when the
+reference gives it nothing (a hard reference: no voxel of the class; a soft reference: zero mass, i.e. no rater
+marked it). With ``absent="exclude"`` (default) every overlap score of an absent class is NaN, whatever the
+prediction, so it is left out of every mean: a stray predicted voxel cannot turn "left out" into 0 and back. The
+voxels predicted for an absent class are false positives counted on their own (``absent_fp_voxels``, see
+:class:`~medjdt.metrics.OverlapMetrics`). ``absent="score"`` scores absent classes like any other: 0 when the
+prediction has the class, and the ``empty`` rule when it has not.
+
+"Both empty" rule (``empty``): when prediction and reference are both empty (the denominator is 0) the score is
+undefined. ``"nan"`` (default) reports NaN so the pair is left out of every mean; ``"one"`` counts it as perfect
+agreement (MONAI's ``DiceMetric(ignore_empty=False)``); ``"zero"`` counts it as a miss. Under ``absent="exclude"``
+it only concerns the thresholded Dice at a threshold where the reference of a present class is empty.
 
 Hard overlap with a soft reference uses the reference's argmax (the majority class of the raters; ties go to the
 lower class index, so a 50/50 vote is background in the binary case).
@@ -24,10 +33,12 @@ from medjdt.metrics._argmax import class_max
 from medjdt.metrics._binning import grouped_sums
 from medjdt.metrics._checks import MetricInputs, check_choice, check_thresholds, prepare_inputs
 
-__all__ = ["QUBIQ_THRESHOLDS", "dice", "iou", "soft_dice", "thresholded_dice"]
+__all__ = ["ABSENT_RULES", "QUBIQ_THRESHOLDS", "dice", "iou", "soft_dice", "thresholded_dice"]
 
 EmptyRule = Literal["nan", "one", "zero"]
 EMPTY_RULES = ("nan", "one", "zero")
+AbsentRule = Literal["exclude", "score"]
+ABSENT_RULES = ("exclude", "score")
 _EMPTY_VALUE = {"nan": float("nan"), "one": 1.0, "zero": 0.0}
 
 QUBIQ_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -76,6 +87,14 @@ def soft_dice_from_sums(pred_mass: Tensor, ref_mass: Tensor, abs_diff: Tensor, e
 def thresholded_dice_from_sums(thr_tp: Tensor, thr_pred: Tensor, thr_ref: Tensor, empty: str) -> Tensor:
     """Dice at each threshold (last dim), then the mean over thresholds that are not NaN."""
     return ratio(2 * thr_tp, thr_pred + thr_ref, empty).nanmean(-1)
+
+
+def exclude_absent(scores: Tensor, reference_size: Tensor, absent: str) -> Tensor:
+    """``scores`` with NaN where the class is absent from the reference (``reference_size == 0``) under
+    ``absent="exclude"``; unchanged under ``"score"``. Shapes ``(..., C)`` both."""
+    if absent == "score":
+        return scores
+    return torch.where(reference_size > 0, scores, torch.full_like(scores, float("nan")))
 
 
 def _reference_labels(inputs: MetricInputs) -> Tensor:
@@ -173,8 +192,9 @@ def _masked_sum(values: Tensor, valid: Tensor | None) -> Tensor:
     return values.sum(-1).double()
 
 
-def _prepare(probs, target, mask, include_background, empty) -> tuple[MetricInputs, slice]:
+def _prepare(probs, target, mask, include_background, empty, absent) -> tuple[MetricInputs, slice]:
     check_choice("empty", empty, EMPTY_RULES)
+    check_choice("absent", absent, ABSENT_RULES)
     inputs = prepare_inputs(probs, target, mask, simplex=False)
     return inputs, slice(None) if include_background else slice(1, None)
 
@@ -194,6 +214,7 @@ def dice(
     threshold: float | None = None,
     include_background: bool = False,
     empty: EmptyRule = "nan",
+    absent: AbsentRule = "exclude",
 ) -> Tensor:
     """Per-image, per-class hard Dice 2|P & Y| / (|P| + |Y|).
 
@@ -205,6 +226,7 @@ def dice(
             (multi-label style, classes may overlap).
         include_background: False (default) drops class 0 from the output.
         empty: rule for a class empty in both prediction and reference: ``"nan"``, ``"one"`` or ``"zero"``.
+        absent: ``"exclude"`` (NaN for a class with no reference voxel) or ``"score"`` (see the module docstring).
 
     Returns:
         ``(B, C')`` with C' = C or C - 1, in the working dtype (float32, or float64 for float64 input).
@@ -213,9 +235,10 @@ def dice(
         ValueError: on shape/dtype mismatch, NaN, values outside [0, 1], labels outside ``[0, C)``, bad mask,
             unknown ``empty`` rule or threshold outside [0, 1).
     """
-    inputs, classes = _prepare(probs, target, mask, include_background, empty)
+    inputs, classes = _prepare(probs, target, mask, include_background, empty, absent)
     tp, fp, fn = confusion_counts(inputs, _check_threshold(threshold))
-    return dice_from_sums(tp, fp, fn, empty)[:, classes].to(inputs.probs.dtype)
+    scores = exclude_absent(dice_from_sums(tp, fp, fn, empty), tp + fn, absent)
+    return scores[:, classes].to(inputs.probs.dtype)
 
 
 @torch.no_grad()
@@ -227,14 +250,16 @@ def iou(
     threshold: float | None = None,
     include_background: bool = False,
     empty: EmptyRule = "nan",
+    absent: AbsentRule = "exclude",
 ) -> Tensor:
     """Per-image, per-class hard IoU (Jaccard) |P & Y| / |P | Y|.
 
     Arguments, return shape and errors as in :func:`dice`.
     """
-    inputs, classes = _prepare(probs, target, mask, include_background, empty)
+    inputs, classes = _prepare(probs, target, mask, include_background, empty, absent)
     tp, fp, fn = confusion_counts(inputs, _check_threshold(threshold))
-    return iou_from_sums(tp, fp, fn, empty)[:, classes].to(inputs.probs.dtype)
+    scores = exclude_absent(iou_from_sums(tp, fp, fn, empty), tp + fn, absent)
+    return scores[:, classes].to(inputs.probs.dtype)
 
 
 @torch.no_grad()
@@ -245,6 +270,7 @@ def soft_dice(
     mask: Tensor | None = None,
     include_background: bool = False,
     empty: EmptyRule = "nan",
+    absent: AbsentRule = "exclude",
 ) -> Tensor:
     """Per-image, per-class continuous Dice (|x|_1 + |y|_1 - |x - y|_1) / (|x|_1 + |y|_1).
 
@@ -257,6 +283,7 @@ def soft_dice(
         mask: optional ``(B, *spatial)`` bool; False voxels are excluded.
         include_background: False (default) drops class 0 from the output.
         empty: rule when |x|_1 + |y|_1 = 0: ``"nan"``, ``"one"`` or ``"zero"``.
+        absent: ``"exclude"`` (NaN for a class with zero reference mass) or ``"score"``.
 
     Returns:
         ``(B, C')`` in the working dtype.
@@ -264,9 +291,10 @@ def soft_dice(
     Raises:
         ValueError: as :func:`dice`.
     """
-    inputs, classes = _prepare(probs, target, mask, include_background, empty)
+    inputs, classes = _prepare(probs, target, mask, include_background, empty, absent)
     pred_mass, ref_mass, abs_diff = soft_overlap_sums(inputs)
-    return soft_dice_from_sums(pred_mass, ref_mass, abs_diff, empty)[:, classes].to(inputs.probs.dtype)
+    scores = exclude_absent(soft_dice_from_sums(pred_mass, ref_mass, abs_diff, empty), ref_mass, absent)
+    return scores[:, classes].to(inputs.probs.dtype)
 
 
 @torch.no_grad()
@@ -278,6 +306,7 @@ def thresholded_dice(
     thresholds: Sequence[float] = QUBIQ_THRESHOLDS,
     include_background: bool = False,
     empty: EmptyRule = "nan",
+    absent: AbsentRule = "exclude",
 ) -> Tensor:
     """Per-image, per-class QUBIQ thresholded Dice.
 
@@ -293,6 +322,7 @@ def thresholded_dice(
         thresholds: strictly increasing values in (0, 1); default (0.1, 0.2, ..., 0.9).
         include_background: False (default) keeps the foreground classes only.
         empty: rule for a threshold at which both masks are empty: ``"nan"``, ``"one"`` or ``"zero"``.
+        absent: ``"exclude"`` (NaN for a class with zero reference mass) or ``"score"``.
 
     Returns:
         ``(B, C')`` in the working dtype.
@@ -301,6 +331,8 @@ def thresholded_dice(
         ValueError: as :func:`dice`, or for thresholds that are not strictly increasing inside (0, 1).
     """
     thresholds = check_thresholds(thresholds)
-    inputs, classes = _prepare(probs, target, mask, include_background, empty)
+    inputs, classes = _prepare(probs, target, mask, include_background, empty, absent)
     thr_tp, thr_pred, thr_ref = threshold_counts(inputs, thresholds)
-    return thresholded_dice_from_sums(thr_tp, thr_pred, thr_ref, empty)[:, classes].to(inputs.probs.dtype)
+    _, ref_mass, _ = soft_overlap_sums(inputs)
+    scores = exclude_absent(thresholded_dice_from_sums(thr_tp, thr_pred, thr_ref, empty), ref_mass, absent)
+    return scores[:, classes].to(inputs.probs.dtype)

@@ -47,9 +47,11 @@ from medjdt.metrics._checks import (
 from medjdt.metrics.calibration import NORMS, calibration_error_from_sums, reliability_from_sums
 from medjdt.metrics.fused import VoxelSums, voxel_sums
 from medjdt.metrics.overlap import (
+    ABSENT_RULES,
     EMPTY_RULES,
     QUBIQ_THRESHOLDS,
     dice_from_sums,
+    exclude_absent,
     iou_from_sums,
     soft_dice_from_sums,
     thresholded_dice_from_sums,
@@ -153,17 +155,19 @@ class _CalibrationPart:
         pooled = self._values(totals)
         per_case = self._values(cases)
         out = {
-            "ece": pooled["ece"],
-            "ece_classwise": _nanmean(pooled["ece_classwise"]),
-            "brier": pooled["brier"],
-            "nll": pooled["nll"],
+            "ece_D": pooled["ece"],
+            "ece_classwise_D": _nanmean(pooled["ece_classwise"]),
+            "brier_D": pooled["brier"],
+            "nll_D": pooled["nll"],
             "ece_I": _nanmean(per_case["ece"]),
             "ece_classwise_I": _nanmean(_nanmean(per_case["ece_classwise"], dim=-1)),
             "brier_I": _nanmean(per_case["brier"]),
             "nll_I": _nanmean(per_case["nll"]),
         }
+        for name in ("ece", "ece_classwise", "brier", "nll"):
+            out[name] = out[f"{name}_I"]  # as for the overlap metrics: the unsuffixed name is the mean over cases
         for name, value in zip(self._class_names(), pooled["ece_classwise"]):
-            out[f"ece_classwise/{name}"] = value
+            out[f"ece_classwise_D/{name}"] = value
         return out
 
     def case_columns(self, stats: Tensor) -> dict[str, Tensor]:
@@ -218,10 +222,12 @@ class _OverlapPart:
         empty: str,
         thresholds: Sequence[float],
         worst_percent: Sequence[float],
+        absent: str = "exclude",
     ) -> None:
         self.num_classes, self.class_names = num_classes, class_names
         self.include_background = include_background
         self.empty = check_choice("empty", empty, EMPTY_RULES)
+        self.absent = check_choice("absent", absent, ABSENT_RULES)
         self.thresholds = check_thresholds(thresholds)
         self.worst_percent = tuple(float(q) for q in worst_percent)
         if any(not 0 < q <= 100 for q in self.worst_percent):
@@ -247,12 +253,22 @@ class _OverlapPart:
         n_thr = len(self.thresholds)
         tp, fp, fn, pred_mass, ref_mass, abs_diff = per_class[..., :6].unbind(-1)
         thr = per_class[..., 6:].unflatten(-1, (3, n_thr))
+        thresholded = thresholded_dice_from_sums(thr[..., 0, :], thr[..., 1, :], thr[..., 2, :], self.empty)
         return {
-            "dice": dice_from_sums(tp, fp, fn, self.empty),
-            "iou": iou_from_sums(tp, fp, fn, self.empty),
-            "soft_dice": soft_dice_from_sums(pred_mass, ref_mass, abs_diff, self.empty),
-            "thresholded_dice": thresholded_dice_from_sums(thr[..., 0, :], thr[..., 1, :], thr[..., 2, :], self.empty),
+            "dice": exclude_absent(dice_from_sums(tp, fp, fn, self.empty), tp + fn, self.absent),
+            "iou": exclude_absent(iou_from_sums(tp, fp, fn, self.empty), tp + fn, self.absent),
+            "soft_dice": exclude_absent(soft_dice_from_sums(pred_mass, ref_mass, abs_diff, self.empty), ref_mass,
+                                        self.absent),
+            "thresholded_dice": exclude_absent(thresholded, ref_mass, self.absent),
         }
+
+    def _absent_false_positives(self, stats: Tensor) -> Tensor:
+        """Voxels predicted (argmax) as a class the reference lacks, ``(..., C')`` from stats ``(..., S)``."""
+        per_class = stats.unflatten(-1, (self.num_classes, self._per_class))
+        if not self.include_background:
+            per_class = per_class[..., 1:, :]
+        tp, fp, fn = per_class[..., 0], per_class[..., 1], per_class[..., 2]
+        return torch.where(tp + fn > 0, torch.zeros_like(fp), fp)
 
     def _class_names(self) -> list[str]:
         return self.class_names if self.include_background else self.class_names[1:]
@@ -274,6 +290,10 @@ class _OverlapPart:
                 out[f"{metric}_worst{q:g}"] = _worst_mean(per_case, q)
             for name, value in zip(self._class_names(), per_class):
                 out[f"{metric}/{name}"] = value
+        absent_fp = self._absent_false_positives(cases)  # (K, C')
+        out["absent_fp_voxels"] = absent_fp.sum(-1).mean() if absent_fp.numel() else totals.new_tensor(0.0)
+        for name, value in zip(self._class_names(), absent_fp.unbind(-1)):
+            out[f"absent_fp_cases/{name}"] = (value > 0).sum().to(totals.dtype)
         return out
 
     def case_columns(self, stats: Tensor) -> dict[str, Tensor]:
@@ -285,6 +305,10 @@ class _OverlapPart:
             columns[metric] = _nanmean(scores[metric], dim=-1)
             for c, name in enumerate(self._class_names()):
                 columns[f"{metric}/{name}"] = scores[metric][:, c]
+        absent_fp = self._absent_false_positives(stats)
+        columns["absent_fp_voxels"] = absent_fp.sum(-1)
+        for c, name in enumerate(self._class_names()):
+            columns[f"absent_fp_voxels/{name}"] = absent_fp[:, c]
         return columns
 
 
@@ -475,9 +499,10 @@ class CalibrationMetrics(_PerCaseMetric):
     ``update(probs, target, case_ids=None, mask=None)``: probs ``(B, C, *spatial)`` summing to 1 over C, target
     ``(B, *spatial)`` int or ``(B, C, *spatial)`` soft, case_ids B strings, mask ``(B, *spatial)`` bool.
 
-    ``compute()`` returns float64 scalars. Pooled over all voxels of the dataset: ``"ece"`` (top-label),
-    ``"ece_classwise"`` (mean over classes), ``"ece_classwise/<class>"``, ``"brier"``, ``"nll"``. Mean of per-case
-    values: ``"ece_I"``, ``"ece_classwise_I"``, ``"brier_I"``, ``"nll_I"``. ``per_case()`` has the columns
+    ``compute()`` returns float64 scalars, named as the overlap metrics are: the mean of the per-case values
+    ``"ece"`` (top-label), ``"ece_classwise"`` (mean over classes), ``"brier"``, ``"nll"``, the same under
+    ``"<name>_I"``, and pooled over all voxels of the dataset ``"ece_D"``, ``"ece_classwise_D"``,
+    ``"ece_classwise_D/<class>"``, ``"brier_D"``, ``"nll_D"``. ``per_case()`` has the columns
     ``case_id``, ``ece``, ``ece_classwise``, ``brier``, ``nll``, ``n_voxels`` and ``ece_classwise/<class>``;
     ``reliability()`` returns the pooled bins for a reliability diagram.
 
@@ -526,7 +551,10 @@ class OverlapMetrics(_PerCaseMetric):
     * ``m_C`` (class): per class the mean over cases, then the mean over classes; ``m/<class>`` per class;
     * ``m_worst<q>``: the mean of the lowest q % of the per-case scores of ``m_I`` (at least one case).
 
-    NaN scores (a class empty in prediction and reference under ``empty="nan"``) are left out of every mean.
+    NaN scores are left out of every mean: a class absent from a case's reference (``absent="exclude"``, see
+    :mod:`medjdt.metrics.overlap`), or empty in prediction and reference under ``empty="nan"``. The voxels predicted
+    for an absent class are counted on their own: ``absent_fp_voxels`` (mean over cases of the per-case total) and
+    ``absent_fp_cases/<class>`` (cases with at least one such voxel).
 
     Args:
         num_classes: number of classes C (>= 2).
@@ -535,11 +563,13 @@ class OverlapMetrics(_PerCaseMetric):
         empty: "both empty" rule, ``"nan"``, ``"one"`` or ``"zero"``.
         thresholds: thresholds of the thresholded Dice, default (0.1, ..., 0.9).
         worst_percent: the q values of the worst-case aggregates.
+        absent: ``"exclude"`` (default) or ``"score"``: the rule for a class absent from the reference.
         **kwargs: passed to :class:`torchmetrics.Metric`.
 
     ``update(probs, target, case_ids=None, mask=None)`` as in :class:`CalibrationMetrics` (probs need not sum
     to 1). ``compute()`` returns float64 scalars under the keys above. ``per_case()`` has the columns
-    ``case_id``, ``n_voxels``, and per metric m the mean over classes ``m`` and ``m/<class>``.
+    ``case_id``, ``n_voxels``, per metric m the mean over classes ``m`` and ``m/<class>``, and
+    ``absent_fp_voxels`` with ``absent_fp_voxels/<class>``.
 
     Raises:
         ValueError: on bad arguments, or in ``update`` on bad inputs.
@@ -553,10 +583,11 @@ class OverlapMetrics(_PerCaseMetric):
         empty: str = "nan",
         thresholds: Sequence[float] = QUBIQ_THRESHOLDS,
         worst_percent: Sequence[float] = (10.0,),
+        absent: str = "exclude",
         **kwargs,
     ) -> None:
         names = _check_class_names(_check_num_classes(num_classes), class_names)
-        part = _OverlapPart(num_classes, names, include_background, empty, thresholds, worst_percent)
+        part = _OverlapPart(num_classes, names, include_background, empty, thresholds, worst_percent, absent)
         self.include_background, self.empty = include_background, part.empty
         self.thresholds, self.worst_percent = part.thresholds, part.worst_percent
         super().__init__(num_classes, names, [part], **kwargs)
@@ -580,6 +611,7 @@ class SegmentationMetrics(_PerCaseMetric):
         thresholds: thresholds of the thresholded Dice, default (0.1, ..., 0.9).
         worst_percent: the q values of the worst-case overlap aggregates.
         eps: floor for probabilities inside the log of the NLL.
+        absent: the overlap rule for a class absent from the reference, ``"exclude"`` (default) or ``"score"``.
         **kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``, ...).
 
     ``update(probs, target, case_ids=None, mask=None)``: probs ``(B, C, *spatial)`` summing to 1 over C, target
@@ -605,10 +637,11 @@ class SegmentationMetrics(_PerCaseMetric):
         thresholds: Sequence[float] = QUBIQ_THRESHOLDS,
         worst_percent: Sequence[float] = (10.0,),
         eps: float = 1e-7,
+        absent: str = "exclude",
         **kwargs,
     ) -> None:
         names = _check_class_names(_check_num_classes(num_classes), class_names)
-        overlap = _OverlapPart(num_classes, names, include_background, empty, thresholds, worst_percent)
+        overlap = _OverlapPart(num_classes, names, include_background, empty, thresholds, worst_percent, absent)
         calibration = _CalibrationPart(num_classes, names, n_bins, norm, calibration_background, eps)
         super().__init__(num_classes, names, [overlap, calibration], **kwargs)
 

@@ -9,12 +9,17 @@ Batches (see the data module):
     val/test: ``image`` (1, 1, *spatial), ``raters`` (1, R, *spatial) int, ``case_id`` [str].
     predict: ``image`` (1, 1, *spatial), ``case_id`` [str].
 
-Logged metrics (validation prefix ``val/``, test prefix ``test/``), all means over foreground classes:
-    ``dice``, ``iou``: hard Dice/IoU of the argmax against the raters' majority vote (per image, then mean).
+Logged metrics (validation prefix ``val/``, test prefix ``test/``), on the preprocessed grid. A name without
+suffix is a mean over cases (per case first, then the mean over cases); ``_pooled`` is pooled over every voxel of
+every case. Overlap scores are means over the foreground classes present in the case's reference (a class absent
+from the reference is left out, see :mod:`medjdt.metrics.overlap`):
+    ``dice``, ``iou``: hard Dice/IoU of the argmax against the raters' majority vote.
     ``soft_dice``, ``thresholded_dice``: against the mean of the raters (soft reference).
-    ``ece``, ``brier``, ``nll``: calibration against the mean of the raters (pooled over voxels).
+    ``ece``, ``brier``, ``nll``: calibration against the mean of the raters; ``ece_pooled``, ``brier_pooled``,
+    ``nll_pooled`` the same pooled over voxels.
     ``ece_majority``, ``brier_majority``: calibration against the majority vote.
-    ``dice/<class>``, ``soft_dice/<class>``: per-class values.
+    ``absent_fp_voxels``: voxels predicted as a class the majority vote lacks (mean per case).
+    ``dice/<class>``, ``soft_dice/<class>``: per-class values (means over the cases where the class is present).
 At the end of each validation/test epoch ``<log_dir>/<stage>_per_case.csv`` holds one row per case with the same
 metrics per case (plus ``iou``, ``nll_majority``, per-class columns ``<metric>/<class>`` and ``n_voxels``), and
 ``<stage>_reliability.csv`` the pooled reliability bins against the mean of the raters.
@@ -83,9 +88,15 @@ class SegmentationModule(pl.LightningModule):
             :class:`medjdt.models.teacher.TeacherSpec`); ``None`` trains without a teacher.
         class_names: names of the C classes (background first), used in metric names and CSV columns.
         ece_bins: number of equal-width confidence bins for ECE and reliability diagrams.
+        temperature: post-hoc temperature scaling of whole-volume inference (validation, test, prediction):
+            probabilities are ``softmax(logits / T)``; ``None`` (default) means ``T = 1``. Training is never
+            scaled. ``"auto"`` is resolved by the command line (``validate``/``test``/``predict --ckpt_path X
+            --model.temperature auto``) to the temperature fitted on the validation fold of the run that made
+            ``X`` (see :mod:`medjdt.models.temperature`).
 
     Raises:
-        ValueError: unknown network or loss, bad weights, a missing or mismatched teacher checkpoint.
+        ValueError: unknown network or loss, bad weights, a missing or mismatched teacher checkpoint, a temperature
+            that is not a positive finite number.
     """
 
     def __init__(
@@ -105,9 +116,18 @@ class SegmentationModule(pl.LightningModule):
         teacher: TeacherSpec | None = None,
         class_names: list[str] | None = None,
         ece_bins: int = 15,
+        temperature: float | Literal["auto"] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if temperature == "auto":
+            raise ValueError(
+                "model.temperature 'auto' is resolved by medjdt validate/test/predict --ckpt_path (fitted on the "
+                "run's validation fold); give a number here, e.g. from medjdt.models.temperature.fit_temperature"
+            )
+        if temperature is not None and not (math.isfinite(float(temperature)) and float(temperature) > 0):
+            raise ValueError(f"model.temperature must be a positive number, got {temperature!r}")
+        self.temperature = None if temperature is None else float(temperature)
         self.network, network_spec = self._network_and_spec(network)
         self.in_channels, self.num_classes = self._channels(self.network, network_spec)
         if self.num_classes < 2:
@@ -192,7 +212,15 @@ class SegmentationModule(pl.LightningModule):
         return self.network
 
     def infer(self, image: torch.Tensor) -> torch.Tensor:
-        """Sliding-window probabilities ``(B, C, *spatial)`` (float32) for a whole volume ``(B, 1, *spatial)``."""
+        """Sliding-window probabilities ``softmax(logits / T)`` ``(B, C, *spatial)`` (float32) for a whole volume
+        ``(B, K, *spatial)``; ``T`` is ``temperature`` (1 when None)."""
+        logits = self.infer_logits(image)
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=1)
+
+    def infer_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Sliding-window logits ``(B, C, *spatial)`` (float32, unscaled) for a whole volume ``(B, K, *spatial)``."""
         roi = self.hparams.roi_size
         if roi is None:
             raise ValueError("model.roi_size is not set (the CLI links it to data.patch_size)")
@@ -206,7 +234,7 @@ class SegmentationModule(pl.LightningModule):
             overlap=self.hparams.overlap,
             mode=self.hparams.blend_mode,
         )
-        return torch.softmax(torch.as_tensor(logits).float(), dim=1)
+        return torch.as_tensor(logits).float()
 
     # ------------------------------------------------------------------ training
     def _supervised_loss(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -300,8 +328,12 @@ class SegmentationModule(pl.LightningModule):
             "ece": soft["ece"],
             "brier": soft["brier"],
             "nll": soft["nll"],
+            "ece_pooled": soft["ece_D"],
+            "brier_pooled": soft["brier_D"],
+            "nll_pooled": soft["nll_D"],
             "ece_majority": hard["ece"],
             "brier_majority": hard["brier"],
+            "absent_fp_voxels": hard["absent_fp_voxels"],
         }
         for name in self.class_names[1:]:
             out[f"dice/{name}"] = hard[f"dice/{name}"]
@@ -310,7 +342,7 @@ class SegmentationModule(pl.LightningModule):
 
     # Per-case CSV columns: (reference, column prefix in its per_case() frame, suffix in the CSV).
     _CASE_COLUMNS = (
-        ("majority", ("n_voxels", "dice", "iou"), ""),
+        ("majority", ("n_voxels", "dice", "iou", "absent_fp_voxels"), ""),
         ("mean", ("soft_dice", "thresholded_dice", "ece", "ece_classwise", "brier", "nll"), ""),
         ("majority", ("ece", "brier", "nll"), "_majority"),
     )

@@ -15,6 +15,7 @@ FUSE_HELP = "fuse every case's raters into one target per case (NIfTI) and write
 EVALUATE_HELP = "metrics of saved probability maps against the raters, with the inter-rater baseline"
 SWEEP_HELP = "train one run per (fusion method, seed), sequentially; re-running skips finished runs and resumes"
 REPORT_HELP = "reliability diagrams per run and a comparison table of fusion methods across runs"
+STUDY_HELP = "a fusion study: train every arm x seed, test on held-out cases, report with confidence intervals"
 FUSION_CHOICES = ("mean", "weighted", "majority", "random", "staple")
 METHODS = "mean, weighted, majority, random or staple"
 
@@ -120,9 +121,62 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """``medjdt study run|report``."""
+    sub = parser.add_subparsers(dest="study_command", metavar="{run,report}", required=True)
+    run = sub.add_parser("run", help="train, test, evaluate and report (resumable)", description=STUDY_HELP)
+    run.epilog = "Pass medjdt fit options for every run after --, e.g.: -- --trainer.max_epochs 2"
+    run.add_argument("study", help="study file (YAML)")
+    run.add_argument("--out", required=True, help="output folder: runs, shared cache, built manifests, report")
+    run.add_argument("--test-manifest", help="a held-out manifest that replaces the study file's")
+    run.add_argument("--arms", nargs="+", metavar="NAME", help="run only these arms")
+    run.add_argument("--seeds", nargs="+", type=int, metavar="N", help="run only these seeds")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print one resumable command per training run (a job array) and the report command")
+    run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    run.add_argument("overrides", nargs="*", help="medjdt fit options, after --")
+    report = sub.add_parser("report", help="write the report of the runs found under --out")
+    report.add_argument("study", help="study file (YAML)")
+    report.add_argument("--out", required=True, help="the study's output folder")
+    report.add_argument("--report-dir", help="where to write the report (default: the study file's report_dir)")
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    """Run the study (or print its commands), or write its report."""
+    existing_file(args.study, "study file")
+    writable_folder(args.out, "study folder (--out)", create=False)
+    from medjdt.reporting.study_spec import read_study
+
+    spec = read_study(args.study)
+    if args.study_command == "report":
+        from medjdt.reporting.study_report import write_study_report
+
+        files = write_study_report(spec, args.out, args.report_dir)
+        print(files.markdown.read_text(encoding="utf-8"), end="")
+        print(f"report in {files.markdown.parent}")
+        return 0
+    from medjdt.reporting.study import run_study, study_commands
+
+    if args.test_manifest is not None:
+        existing_file(args.test_manifest, "test manifest (--test-manifest)")
+    if args.dry_run:
+        for command in study_commands(spec, args.out, arms=args.arms, seeds=args.seeds,
+                                      test_manifest=args.test_manifest, overrides=args.overrides):
+            print(command)
+        return 0
+    try:
+        run_study(spec, args.out, arms=args.arms, seeds=args.seeds, test_manifest=args.test_manifest,
+                  overrides=args.overrides, report=not args.no_report, progress=print)
+    except RuntimeError as err:
+        print(f"medjdt study: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS = {
     "fuse": (FUSE_HELP, add_fuse_arguments, run_fuse),
     "evaluate": (EVALUATE_HELP, add_evaluate_arguments, run_evaluate),
     "sweep": (SWEEP_HELP, add_sweep_arguments, run_sweep_command),
     "report": (REPORT_HELP, add_report_arguments, run_report),
+    "study": (STUDY_HELP, add_study_arguments, run_study_command),
 }

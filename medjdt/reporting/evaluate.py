@@ -10,7 +10,16 @@ For every case, the model's probabilities are compared with (``predictor="model"
 The inter-rater baseline (``predictor="rater"``) compares each rater, as a 0/1 prediction, with the mean and the
 majority of the other raters (``others_mean`` / ``others_majority``). Rows with the same ``reference`` and
 ``rater`` measure the model and the left-out rater against the very same reference, so model-vs-rater agreement
-reads directly against rater-vs-rater agreement. Cases with a single rater have no leave-one-out rows.
+reads directly against rater-vs-rater agreement. ``predictor="raters", reference="pairwise"`` is the mean over
+every pair of raters of one rater's metrics against the other (the inter-rater ceiling of the ``reference="rater"``
+rows, which average the model against each rater). Cases with a single rater have no leave-one-out or pairwise rows.
+
+Every figure here is on the case's original grid (``grid`` column) and per case. Overlap metrics follow the one
+rule of :mod:`medjdt.metrics.overlap` for a class absent from the reference (left out, NaN); the voxels predicted
+for such a class are counted in ``absent_fp_voxels`` and, with the voxel size of the image, ``absent_fp_ml``. For a
+KiTS manifest (layout ``kits21``/``kits23``) the rows against the majority vote and the pairwise rows also hold the
+challenge's own scores (:mod:`medjdt.metrics.kits`: Dice and surface Dice of the regions kidney+masses, masses and
+tumour, with the challenge's rule for empty regions).
 
 Every row holds the per-case metrics of :mod:`medjdt.metrics`: ``dice`` and ``iou`` (argmax prediction against
 the hard reference, or the argmax of a soft one), ``soft_dice`` and ``thresholded_dice``, ``ece``,
@@ -34,7 +43,8 @@ from medjdt._paths import child_path
 from medjdt.data.io import AFFINE_ATOL_MM, load_case
 from medjdt.data.manifest import CaseRecord, Manifest, read_manifest
 from medjdt.labels import fuse
-from medjdt.metrics import SegmentationMetrics
+from medjdt.metrics import CalibrationMetrics, SegmentationMetrics
+from medjdt.metrics.kits import kits_scores
 from medjdt.runs import read_record
 
 KEY_COLUMNS = ("case_id", "predictor", "rater", "reference")
@@ -79,6 +89,12 @@ def _leave_one_out(raters: torch.Tensor, index: int, num_classes: int) -> dict[s
     }
 
 
+def _pairwise(rows: list[dict[str, object]]) -> dict[str, object]:
+    """The mean of every numeric value over ``rows`` (NaN left out; NaN when every value is)."""
+    frame = pd.DataFrame(rows).select_dtypes("number")
+    return frame.mean(skipna=True).to_dict()
+
+
 def evaluate_case(
     probs: torch.Tensor,
     raters: torch.Tensor,
@@ -87,6 +103,8 @@ def evaluate_case(
     case_id: str,
     class_names: Sequence[str],
     n_bins: int = 15,
+    voxel_ml: float | None = None,
+    kits_spacing: Sequence[float] | None = None,
 ) -> list[dict[str, object]]:
     """Model-vs-raters and rater-vs-raters rows of one case (row kinds in the module docstring).
 
@@ -97,9 +115,12 @@ def evaluate_case(
         case_id: the case.
         class_names: the C class names.
         n_bins: confidence bins of the calibration errors.
+        voxel_ml: the volume of one voxel in mL; adds ``absent_fp_ml`` (and per class) to every row.
+        kits_spacing: the voxel size in mm per array axis of a KiTS case; adds the KiTS region scores to the
+            majority and pairwise rows.
 
     Returns:
-        One dict per row, with :data:`KEY_COLUMNS` and the metrics of :func:`compare`.
+        One dict per row, with :data:`KEY_COLUMNS`, ``grid`` and the metrics of :func:`compare`.
     """
     num_classes = len(class_names)
     if raters.shape[0] != len(rater_names):
@@ -107,11 +128,20 @@ def evaluate_case(
 
     def row(predictor: str, rater: str, reference_name: str, prediction: torch.Tensor, reference: torch.Tensor):
         values = compare(prediction, reference, case_id=case_id, class_names=class_names, n_bins=n_bins)
-        return {"case_id": case_id, "predictor": predictor, "rater": rater, "reference": reference_name, **values}
+        if voxel_ml is not None:
+            for key in [k for k in values if k.startswith("absent_fp_voxels")]:
+                values[key.replace("absent_fp_voxels", "absent_fp_ml")] = float(values[key]) * voxel_ml
+        head = {"case_id": case_id, "predictor": predictor, "rater": rater, "reference": reference_name}
+        return {**head, "grid": "original", **values}
 
+    def kits(prediction: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+        return {} if kits_spacing is None else kits_scores(prediction, reference, kits_spacing)
+
+    majority = fuse(raters, "majority", num_classes).argmax(0)
+    predicted_labels = probs[0].argmax(0)
     rows = [
         row("model", "", "mean", probs, fuse(raters, "mean", num_classes)[None]),
-        row("model", "", "majority", probs, fuse(raters, "majority", num_classes).argmax(0)[None]),
+        {**row("model", "", "majority", probs, majority[None]), **kits(predicted_labels, majority)},
     ]
     for index, name in enumerate(rater_names):
         rows.append(row("model", name, "rater", probs, raters[index][None].long()))
@@ -122,6 +152,14 @@ def evaluate_case(
         for reference_name, reference in references.items():
             rows.append(row("model", name, reference_name, probs, reference))
             rows.append(row("rater", name, reference_name, rater_probs, reference))
+    if raters.shape[0] >= 2:
+        pairs = []
+        for i in range(raters.shape[0]):
+            for j in range(i + 1, raters.shape[0]):
+                pair = row("rater", rater_names[i], "rater", _one_hot(raters[i], num_classes), raters[j][None].long())
+                pairs.append({**pair, **kits(raters[i], raters[j])})
+        head = {"case_id": case_id, "predictor": "raters", "rater": "", "reference": "pairwise", "grid": "original"}
+        rows.append({**head, **_pairwise(pairs)})
     return rows
 
 
@@ -207,23 +245,44 @@ def evaluate_predictions(
             channel count differs from the case's image, invalid probabilities, or any error of
             :func:`medjdt.data.load_case`; and for a bad manifest or an empty fold selection.
     """
-    wanted = None if folds is None else list(folds)
-    manifest_data, records = _records(manifest, wanted)
-    directory = Path(predictions)
+    return evaluate_with_reliability(manifest, predictions, folds=folds, n_bins=n_bins)[0]
+
+
+def _evaluated_records(manifest_data: Manifest, records: list[CaseRecord], directory: Path,
+                       wanted: list[int] | None) -> list[CaseRecord]:
     if not directory.is_dir():
         raise ValueError(f"predictions folder {directory} does not exist")
     cases = predicted_cases(directory) if wanted is None else None
-    if cases is not None:
-        by_id = {r.case_id: r for r in records}
-        unknown = [c for c in cases if c not in by_id]
-        if unknown:
-            raise ValueError(
-                f"predictions folder {directory} holds predictions of case(s) {unknown[:5]} that manifest "
-                f"{manifest_data.path} does not have: predicted from another manifest?"
-            )
-        records = [by_id[c] for c in cases if by_id[c].labelled]
-        if not records:
-            raise ValueError(f"predictions folder {directory}: none of its cases has annotations to compare with")
+    if cases is None:
+        return records
+    by_id = {r.case_id: r for r in records}
+    unknown = [c for c in cases if c not in by_id]
+    if unknown:
+        raise ValueError(
+            f"predictions folder {directory} holds predictions of case(s) {unknown[:5]} that manifest "
+            f"{manifest_data.path} does not have: predicted from another manifest?"
+        )
+    records = [by_id[c] for c in cases if by_id[c].labelled]
+    if not records:
+        raise ValueError(f"predictions folder {directory}: none of its cases has annotations to compare with")
+    return records
+
+
+def evaluate_with_reliability(
+    manifest: str | os.PathLike,
+    predictions: str | os.PathLike,
+    *,
+    folds: Iterable[int] | None = None,
+    n_bins: int = 15,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`evaluate_predictions`, plus the reliability bins of the model against the mean of the raters pooled
+    over every evaluated voxel (columns ``bin_lower, bin_upper, count, confidence, accuracy``), from one pass."""
+    wanted = None if folds is None else list(folds)
+    manifest_data, records = _records(manifest, wanted)
+    directory = Path(predictions)
+    records = _evaluated_records(manifest_data, records, directory, wanted)
+    is_kits = manifest_data.metadata.get("layout") in ("kits21", "kits23") and manifest_data.spatial_dims == 3
+    calibration = CalibrationMetrics(manifest_data.num_classes, n_bins=n_bins)
     rows = []
     for record in records:
         case = load_case(record, num_classes=manifest_data.num_classes, spatial_dims=manifest_data.spatial_dims)
@@ -234,10 +293,16 @@ def evaluate_predictions(
             num_classes=manifest_data.num_classes,
         )
         raters = case["raters"].as_tensor()
+        affine = np.asarray(case["image"].affine, dtype=np.float64)
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)[: manifest_data.spatial_dims]
         rows += evaluate_case(
-            probs, raters, record.raters, case_id=record.case_id, class_names=manifest_data.class_names, n_bins=n_bins
+            probs, raters, record.raters, case_id=record.case_id, class_names=manifest_data.class_names,
+            n_bins=n_bins, voxel_ml=float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0,
+            kits_spacing=tuple(float(v) for v in spacing) if is_kits else None,
         )
-    return pd.DataFrame(rows).sort_values(list(KEY_COLUMNS), ignore_index=True)
+        calibration.update(probs, fuse(raters, "mean", manifest_data.num_classes)[None], case_ids=[record.case_id])
+    frame = pd.DataFrame(rows).sort_values(list(KEY_COLUMNS), ignore_index=True)
+    return frame, calibration.reliability()
 
 
 def inter_rater_agreement(
