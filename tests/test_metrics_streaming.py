@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from medjdt.metrics import (
     CalibrationMetrics,
     OverlapMetrics,
+    SegmentationMetrics,
     brier_score,
     dice,
     expected_calibration_error,
@@ -321,3 +322,22 @@ def test_forward_returns_batch_values_and_accumulates_like_update(cls):
         _assert_dicts_close(batch_values, alone.compute())
     _assert_dicts_close(called.compute(), updated.compute())
     pd.testing.assert_frame_equal(called.per_case(), updated.per_case())
+
+
+def test_a_stray_voxel_of_an_absent_class_does_not_move_the_headline_dice_and_is_counted():
+    # Reference: class 1 on the left half, class 2 nowhere. Prediction: class 1 exact, plus one stray class-2 voxel.
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :, :4] = 1
+    clean = F.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    stray = clean.clone()
+    stray[0, :, 7, 7] = torch.tensor([0.0, 0.0, 1.0])
+    results = []
+    for probs in (clean, stray):
+        metric = SegmentationMetrics(3, class_names=["background", "organ", "lesion"])
+        metric.update(probs, labels, ["case"])
+        results.append((metric.compute(), metric.per_case().iloc[0]))
+    (clean_out, clean_case), (stray_out, stray_case) = results
+    assert clean_out["dice"] == stray_out["dice"] == pytest.approx(1.0)  # lesion absent: left out both times
+    assert torch.isnan(stray_out["dice/lesion"]) and np.isnan(stray_case["soft_dice/lesion"])
+    assert clean_case["absent_fp_voxels"] == 0 and stray_case["absent_fp_voxels/lesion"] == 1
+    assert stray_out["absent_fp_cases/lesion"] == 1

@@ -79,3 +79,16 @@ def test_every_readme_command_block_runs(tmp_path, monkeypatch, capsys):
     evaluation = pd.read_csv(tmp_path / "runs/demo/version_0/predict/last/evaluation.csv")
     assert evaluation["case_id"].nunique() == 2  # the validation fold of the small phantoms
     assert (tmp_path / "runs" / "sweep_report").is_dir() and len(list((tmp_path / "runs" / "sweep").iterdir())) == 8
+
+
+def test_the_readme_study_file_is_a_valid_study(tmp_path):
+    from medjdt.reporting.study_spec import read_study
+
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+                 if "arms:" in b)
+    (tmp_path / "config.yaml").write_text((ROOT / "configs" / "demo.yaml").read_text())
+    (tmp_path / "study.yaml").write_text(block)
+    spec = read_study(tmp_path / "study.yaml")
+    assert spec.baseline == "majority" and len(spec.arms) == 4
+    assert spec.training_name(spec.arm("majority_ts")) == "majority"  # temperature scaling reuses the training
+    assert spec.arm("majority_ts").temperature == "auto"

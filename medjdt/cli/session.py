@@ -29,10 +29,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from medjdt._paths import writable_folder
 from medjdt.cli.arguments import config_files, explicit_options
+from medjdt.cli.config_view import (
+    check_settings,
+    config_file_values,
+    evaluation_inputs,
+    explicit_version,
+    global_rank,
+    logger_specs,
+    normalise_data,
+    plain,
+    run_identity,
+    run_root,
+)
 from medjdt.runs import (
     RunLock,
     claim_version,
@@ -45,66 +55,18 @@ from medjdt.runs import (
     run_folder_of_checkpoint,
     write_record,
 )
-from medjdt.runs.record import canonical, file_digest
 
-DATA_IDENTITY = (
-    "fold", "fusion", "label_smoothing", "smoothing_mode", "patch_size", "spacing", "orientation", "intensity",
-    "window",
-)
-MODEL_IDENTITY = ("network", "jdt", "ce_weight", "jdt_weight", "teacher", "semi")
 # Values of Lightning's ckpt_path that are not files.
 _CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 RUN_DIR_ENV = "MEDJDT_RUN_DIR"
 _LIGHTNING_CSV_LOGGERS = ("pytorch_lightning.loggers.CSVLogger", "pytorch_lightning.loggers.csv_logs.CSVLogger",
                           "lightning.pytorch.loggers.CSVLogger")
 
-__all__ = ["CheckPassed", "RunSession", "global_rank"]
+__all__ = ["CheckPassed", "RunSession"]
 
 
 class CheckPassed(Exception):
     """Raised by :meth:`RunSession.prepare` under ``check_only`` when every check passed; the message says so."""
-
-
-def global_rank() -> int:
-    """This process's rank in a distributed run, from the launcher's environment (0 when not distributed)."""
-    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    node = int(os.environ.get("NODE_RANK", "0") or 0)
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    world_local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return node * world_local + local
-
-
-def _plain(value: Any) -> Any:
-    """jsonargparse Namespaces (and anything nested) as plain data."""
-    if hasattr(value, "as_dict"):
-        value = value.as_dict()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _config_file_values(files: Sequence[Path]) -> dict[str, Any]:
-    """The ``data.manifest`` and ``data.demo`` values the config files set (later files win)."""
-    values: dict[str, Any] = {}
-    for path in files:
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
-            continue  # LightningCLI reports an unreadable config itself
-        data = loaded.get("data") if isinstance(loaded, dict) else None
-        if isinstance(data, dict):
-            for key in ("manifest", "demo"):
-                if key in data:
-                    values[f"data.{key}"] = data[key]
-    return values
-
-
-def _same_path(a: Any, b: Any) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and os.path.abspath(a) == os.path.abspath(b)
 
 
 class RunSession:
@@ -123,7 +85,7 @@ class RunSession:
         self.argv = list(argv)
         self.explicit = explicit_options(self.argv[1:])
         self.config_names = [p.stem for p in config_files(self.argv)]
-        self.config_values = _config_file_values(config_files(self.argv))
+        self.config_values = config_file_values(config_files(self.argv))
         self.rank = global_rank()
         self.folder: Path | None = None
         self.created = False
@@ -146,8 +108,8 @@ class RunSession:
     def plan(self, cfg: Any) -> None:
         """Check the parsed config ``cfg`` (one subcommand's Namespace), resolve the checkpoint and claim the run
         folder. Modifies ``cfg`` in place (``data.num_folds``, ``data.demo``, ``ckpt_path``, logger versions)."""
-        self._normalise_data(cfg)
-        self._check_settings(cfg)
+        normalise_data(cfg, self.explicit, self.config_values)
+        check_settings(cfg, self.command)
         self._manifest(cfg)
         if self.command == "fit":
             self._plan_fit(cfg)
@@ -155,46 +117,6 @@ class RunSession:
             self._plan_evaluation(cfg)
         if not self.check_only:
             self._claim(cfg)
-
-    def _normalise_data(self, cfg: Any) -> None:
-        data = cfg.data
-        # The manifest's fold column is the truth: a num_folds from a config file is dropped (the data module reads
-        # it from the manifest); one given on the command line is checked against it.
-        if "data.num_folds" not in self.explicit:
-            data.num_folds = None
-        # Phantoms are written only at the manifest path the config file itself names.
-        if data.demo is not None and not _same_path(data.manifest, self.config_values.get("data.manifest")):
-            data.demo = None
-
-    def _check_settings(self, cfg: Any) -> None:
-        trainer = cfg.trainer
-        for key in ("max_epochs", "max_steps"):
-            value = getattr(trainer, key, None)
-            if value is not None and (not isinstance(value, int) or value < -1):
-                raise ValueError(f"trainer.{key} must be a whole number >= -1 (-1: no limit), got {value!r}")
-        if trainer.max_epochs == 0 and self.command == "fit":
-            raise ValueError("trainer.max_epochs is 0: nothing would be trained")
-        unlimited = trainer.max_epochs == -1 and trainer.max_steps in (None, -1)
-        model = cfg.model
-        if self.command == "fit" and unlimited and (model.schedule != "constant" or model.warmup_fraction > 0):
-            raise ValueError(
-                f"trainer.max_epochs -1 (no limit) leaves no training length for model.schedule {model.schedule!r} "
-                f"and model.warmup_fraction {model.warmup_fraction}; set trainer.max_epochs or trainer.max_steps, or "
-                "use model.schedule constant with model.warmup_fraction 0"
-            )
-        for key in ("check_val_every_n_epoch", "log_every_n_steps"):
-            value = getattr(trainer, key, None)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"trainer.{key} must be a whole number >= 1, got {value!r}")
-        if trainer.default_root_dir is not None:
-            writable_folder(trainer.default_root_dir, "run root (trainer.default_root_dir)", create=False)
-        if getattr(cfg, "run_dir", None) is not None:
-            writable_folder(cfg.run_dir, "run folder (--run_dir)", create=False)
-        if cfg.data.cache_dir is not None:
-            writable_folder(cfg.data.cache_dir, "cache folder (data.cache_dir)", create=False)
-        writer = getattr(cfg, "prediction_writer", None)
-        if self.command == "predict" and writer is not None and writer.output_dir is not None:
-            writable_folder(writer.output_dir, "output folder (prediction_writer.output_dir)", create=False)
 
     def _manifest(self, cfg: Any) -> None:
         from medjdt.data.datamodule import ensure_demo_data
@@ -207,47 +129,17 @@ class RunSession:
                 where = "given on the command line" if "data.manifest" in self.explicit else "data.manifest"
                 raise ValueError(f"manifest {path} does not exist ({where})")
             if self.rank == 0:
-                ensure_demo_data(path, _plain(data.demo), num_folds=data.num_folds, fold=data.fold)
+                ensure_demo_data(path, plain(data.demo), num_folds=data.num_folds, fold=data.fold)
         manifest = read_manifest(path)
         self.manifest_path = manifest.path
         self.manifest = manifest
-
-    def identity(self, cfg: Any) -> dict[str, Any]:
-        """What defines a training run: the manifest's content, the data and model settings."""
-        data = _plain(cfg.data)
-        model = _plain(cfg.model)
-        return canonical(
-            {
-                # the content, not the path: a dataset moved elsewhere is still the same dataset
-                "manifest": {"sha256": manifest_digest(self.manifest_path)},
-                "data": {key: data.get(key) for key in DATA_IDENTITY},
-                "model": {key: model.get(key) for key in MODEL_IDENTITY},
-            }
-        )
-
-    def _root(self, cfg: Any) -> Path:
-        for spec in self._logger_specs(cfg):
-            args = spec.get("init_args") or {}
-            if args.get("save_dir"):
-                return Path(args["save_dir"]) / (args.get("name") if args.get("name") is not None else "lightning_logs")
-        if cfg.trainer.default_root_dir is not None:
-            return Path(cfg.trainer.default_root_dir)
-        return Path("runs") / (self.config_names[-1] if self.config_names else "medjdt")
-
-    @staticmethod
-    def _logger_specs(cfg: Any) -> list[dict[str, Any]]:
-        logger = cfg.trainer.logger
-        if logger is None or isinstance(logger, bool):
-            return []
-        specs = logger if isinstance(logger, list) else [logger]
-        return [_plain(s) for s in specs if hasattr(s, "class_path") or isinstance(s, Mapping)]
 
     def _plan_fit(self, cfg: Any) -> None:
         if cfg.model.temperature == "auto":
             raise ValueError(
                 "--model.temperature auto applies to validate, test and predict of a trained checkpoint, not to fit"
             )
-        self.identity_value = self.identity(cfg)
+        self.identity_value = run_identity(cfg, self.manifest_path)
         ckpt = cfg.ckpt_path
         if ckpt is None:
             return
@@ -256,7 +148,7 @@ class RunSession:
                 candidates = [Path(cfg.run_dir)]
                 root = Path(cfg.run_dir)
             else:
-                root = self._root(cfg)
+                root = run_root(cfg, self.config_names)
                 candidates = [p for p in root.glob("version_*") if p.is_dir()] if root.is_dir() else []
             ckpt = str(find_resumable(candidates, self.identity_value, root))
             cfg.ckpt_path = ckpt
@@ -324,31 +216,12 @@ class RunSession:
         cfg.model.temperature = resolve_temperature(self.checkpoint, say=self.say)
 
     # ------------------------------------------------------------------ the run folder
-    def _inputs(self, cfg: Any) -> dict[str, Any]:
-        """What an evaluation's results depend on (see :func:`medjdt.runs.evaluation_folder`)."""
-        data = _plain(cfg.data)
-        keys = (*DATA_IDENTITY, "predict_on")
-        checkpoint = None
-        if self.checkpoint is not None:
-            checkpoint = {"path": str(self.checkpoint.absolute()), "sha256": file_digest(self.checkpoint)}
-        model = _plain(cfg.model)
-        return canonical(
-            {
-                "checkpoint": checkpoint,
-                "manifest": {"path": str(self.manifest_path), "sha256": manifest_digest(self.manifest_path)},
-                "data": {key: data.get(key) for key in keys},
-                "inference": {
-                    k: model.get(k) for k in ("roi_size", "sw_batch_size", "overlap", "blend_mode", "temperature")
-                },
-            }
-        )
-
     def _claim(self, cfg: Any) -> None:
         shared = os.environ.get(RUN_DIR_ENV)
         if self.rank != 0:
             # Other ranks of a distributed run use rank 0's folder (inherited through the environment on one node;
             # elsewhere Lightning broadcasts rank 0's log_dir) and write nothing themselves.
-            self.folder = Path(shared) if shared else self.folder or self._root(cfg) / "pending"
+            self.folder = Path(shared) if shared else self.folder or run_root(cfg, self.config_names) / "pending"
             self._configure_loggers(cfg)
             return
         inputs = None
@@ -358,14 +231,14 @@ class RunSession:
                     self.folder = writable_folder(cfg.run_dir, "run folder (--run_dir)")
                     self._check_foreign_run(self.folder)
                 else:
-                    explicit = self._explicit_version(cfg)
+                    explicit = explicit_version(cfg, self.config_names)
                     if explicit is not None:
                         self.folder = writable_folder(explicit, "run folder (logger version)")
                         self._check_foreign_run(self.folder)
                     else:
                         self.folder = self._claim_version(cfg)
         else:
-            inputs = self._inputs(cfg)
+            inputs = evaluation_inputs(cfg, self.manifest_path, self.checkpoint)
             run = run_folder_of_checkpoint(self.checkpoint) if self.checkpoint is not None else None
             if cfg.run_dir is not None:
                 self.folder = writable_folder(cfg.run_dir, "run folder (--run_dir)")
@@ -382,26 +255,17 @@ class RunSession:
         self._write_initial_record(cfg, inputs)
 
     def _claim_version(self, cfg: Any) -> Path:
-        root = self._root(cfg)
+        root = run_root(cfg, self.config_names)
         self.created_root = None if root.exists() else root
         self.created = True
         return claim_version(root, self._root_what(cfg))
 
     def _root_what(self, cfg: Any) -> str:
-        if self._logger_specs(cfg):
+        if logger_specs(cfg):
             return "run root (the logger's save_dir)"
         if cfg.trainer.default_root_dir is not None:
             return "run root (trainer.default_root_dir)"
         return "run root"
-
-    def _explicit_version(self, cfg: Any) -> Path | None:
-        for spec in self._logger_specs(cfg):
-            args = spec.get("init_args") or {}
-            if args.get("save_dir") and args.get("version") is not None:
-                version = args["version"]
-                name = f"version_{version}" if isinstance(version, int) else str(version)
-                return self._root(cfg) / name
-        return None
 
     @staticmethod
     def _check_foreign_run(folder: Path) -> None:
@@ -414,7 +278,7 @@ class RunSession:
     def _configure_loggers(self, cfg: Any) -> None:
         """Point configured file loggers (those with a ``save_dir``) at the run folder, so that their ``log_dir``
         is the folder (CSV and TensorBoard share it, and an evaluation logs next to its checkpoint's run)."""
-        specs = self._logger_specs(cfg)
+        specs = logger_specs(cfg)
         self.user_loggers = bool(specs) or cfg.trainer.logger is False
         if not specs or self.folder is None:
             return
