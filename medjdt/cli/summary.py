@@ -97,6 +97,10 @@ def summarise(cli: Any, session: RunSession) -> dict[str, Any]:
     else:
         lines.append(f"medjdt {command}: done in {seconds:.0f} s")
         lines.append(f"  checkpoint       {session.checkpoint or 'none (untrained network)'}")
+        temperature = getattr(cli.model, "temperature", None)
+        if temperature is not None:
+            fields["temperature"] = temperature
+            lines.append(f"  temperature      {temperature:.4f} (post-hoc: probabilities are softmax(logits / T))")
         lines.append(f"  outputs          {_shown(folder)}")
     prefix = _STAGE_PREFIX.get(command)
     if prefix is not None and f"{prefix}/dice" in metrics:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ import pandas as pd
 
 from medjdt.data.atomic import atomic_write_text
 from medjdt.reporting.case_scores import case_scores
+from medjdt.reporting.logged_run import run_logged
 from medjdt.reporting.study_spec import RESERVED, Arm, StudySpec
 from medjdt.reporting.study_tables import write_csv
 from medjdt.runs import read_record
@@ -113,15 +113,7 @@ class _Runner:
         self.say = say
 
     def _execute(self, command: list[str], run: StudyRun, what: str) -> None:
-        log_path = run.directory / LOG_FILE
-        with log_path.open("a", encoding="utf-8") as log:
-            log.write(f"\n$ {shlex.join(command)}\n")
-            log.flush()
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-        if code != 0:
-            tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
-            raise RuntimeError(f"study run {run.name}: {what} failed (exit code {code}; see {log_path}): "
-                               f"{tail[0] if tail else ''}")
+        run_logged(command, run.directory / LOG_FILE, f"study run {run.name}: {what}")
 
     def _common(self, arm: Arm, run: StudyRun) -> list[str]:
         return ["--config", str(self.spec.config), *arm.overrides, *self.overrides,
@@ -177,13 +169,6 @@ class _Runner:
         _write_state(run, state)
 
 
-def _eta(done: int, total: int, start: float) -> str:
-    if done == 0:
-        return ""
-    left = (time.monotonic() - start) / done * (total - done)
-    return f", about {left / 60:.0f} min left" if left > 0 else ""
-
-
 def run_study(
     spec: StudySpec,
     out: str | Path,
@@ -223,7 +208,7 @@ def run_study(
         f"output {out}"
     )
     runner = _Runner(spec, out, train, test, overrides, progress)
-    start = time.monotonic()
+    start, worked = time.monotonic(), 0
     for i, run in enumerate(runs, start=1):
         run.directory.mkdir(parents=True, exist_ok=True)
 
@@ -239,14 +224,22 @@ def run_study(
             raise ValueError(f"study run {run.directory} was made with other settings ({recorded}); use another --out")
         state["settings"] = settings
         began = time.monotonic()
+        finished = state.get("trained") and all(state.get("tests", {}).get(a.name, {}).get("evaluated")
+                                                for a in run.arms)
         if not state.get("trained"):
             say("training")
         runner.train(run, state)
         for arm in run.arms:
             runner.test(run, arm, state)
         scores = pd.read_csv(run.directory / f"test-{run.arms[0].name}" / "case_scores.csv")
-        say(f"done in {time.monotonic() - began:.0f} s: test dice {scores['dice'].mean():.3f}, ece "
-            f"{scores['ece'].mean():.4f} ({len(scores)} cases){_eta(i, len(runs), start)}")
+        summary = f"test dice {scores['dice'].mean():.3f}, ece {scores['ece'].mean():.4f} ({len(scores)} cases)"
+        if finished:
+            say(f"done already: {summary}")
+            continue
+        worked += 1
+        left = len(runs) - i
+        eta = f", about {(time.monotonic() - start) / worked * left / 60:.0f} min left" if left else ""
+        say(f"done in {time.monotonic() - began:.0f} s: {summary}{eta}")
     if report:
         from medjdt.reporting.study_report import write_study_report
 

@@ -28,8 +28,11 @@ from medjdt.reporting.study_tables import headline, summary_table, write_csv, wr
 
 __all__ = ["StudyReportFiles", "collect_study", "write_study_report"]
 
-# Shown in the Markdown table when present; every scored metric is in the CSVs.
-TABLE_METRICS = ("dice", "soft_dice", "ece", "brier", "nll", "rater_dice", "kits_dice", "kits_sd")
+# Shown in the Markdown tables when present (every scored metric is in the CSVs): accuracy, then calibration.
+TABLES = {
+    "Accuracy (majority vote, each rater, KiTS regions)": ("dice", "rater_dice", "kits_dice", "kits_sd"),
+    "Calibration and soft agreement (mean of the raters)": ("soft_dice", "ece", "brier", "nll"),
+}
 FOREST_METRICS = ("dice", "soft_dice", "ece", "brier")
 
 
@@ -110,8 +113,8 @@ def write_study_report(spec: StudySpec, out: str | Path, report_dir: str | Path 
     metrics = _metrics(scores, spec)
     summary = arm_summary(scores, metrics, n_resamples=n_resamples)
     paired = paired_comparison(scores, metrics, spec.baseline, n_resamples=n_resamples)
-    shown = [m for m in TABLE_METRICS if m in metrics]
-    table = summary_table(summary, paired, shown, spec.baseline)
+    tables = {heading: summary_table(summary, paired, [m for m in chosen if m in metrics], spec.baseline)
+              for heading, chosen in TABLES.items() if any(m in metrics for m in chosen)}
     primary = [m for m in ("dice", "ece") if m in metrics]
     sentence = headline(summary, paired, spec.baseline, primary=primary) if len(set(scores["arm"])) > 1 else (
         f"Only the {spec.baseline} arm has results so far.")
@@ -151,7 +154,7 @@ def write_study_report(spec: StudySpec, out: str | Path, report_dir: str | Path 
                  "per_case.csv, temperatures.csv.")
     title = f"{spec.name}: fusion study on held-out cases"
     return StudyReportFiles(
-        markdown=write_study_markdown(folder / "summary.md", title, sentence, table, notes),
+        markdown=write_study_markdown(folder / "summary.md", title, sentence, tables, notes),
         summary_csv=write_csv(summary, folder / "summary.csv"),
         paired_csv=write_csv(paired, folder / "paired.csv"),
         per_case_csv=write_csv(scores, folder / "per_case.csv"),

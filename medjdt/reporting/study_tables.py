@@ -204,18 +204,32 @@ def pipe_table(frame: pd.DataFrame) -> str:
 
 
 def write_study_markdown(
-    path: str | os.PathLike, title: str, sentence: str, table: pd.DataFrame, notes: Sequence[str]
+    path: str | os.PathLike,
+    title: str,
+    sentence: str,
+    table: pd.DataFrame | Mapping[str, pd.DataFrame],
+    notes: Sequence[str],
 ) -> Path:
-    """Write a Markdown report: ``# title``, the headline sentence as its own paragraph, the table, notes as bullets.
+    """Write a Markdown report: ``# title``, the headline sentence as its own paragraph, the table(s), notes as
+    bullets.
 
-    The table is rendered by ``DataFrame.to_markdown`` when ``tabulate`` is installed, else by :func:`pipe_table`.
-    The file is written atomically; returns its path.
+    ``table`` is one table, or a mapping of sub-headings (``## ...``) to tables. Tables are rendered by
+    ``DataFrame.to_markdown`` when ``tabulate`` is installed, else by :func:`pipe_table`. The file is written
+    atomically; returns its path.
     """
-    try:
-        rendered = table.to_markdown(index=False)
-    except ImportError:
-        rendered = pipe_table(table)
-    blocks = [f"# {title}", sentence.strip(), rendered]
+
+    def render(frame: pd.DataFrame) -> str:
+        try:
+            return frame.to_markdown(index=False)
+        except ImportError:
+            return pipe_table(frame)
+
+    blocks = [f"# {title}", sentence.strip()]
+    if isinstance(table, pd.DataFrame):
+        blocks.append(render(table))
+    else:
+        for heading, frame in table.items():
+            blocks += [f"## {heading}", render(frame)]
     if notes:
         blocks.append("\n".join(f"- {note}" for note in notes))
     return atomic_write_text(path, "\n\n".join(blocks) + "\n")

@@ -26,7 +26,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ import pandas as pd
 import yaml
 
 from medjdt.data.atomic import atomic_write, atomic_write_text
+from medjdt.reporting.logged_run import run_logged
 from medjdt.reporting.runs import CONFIG_FILE, PER_CASE_FILE, RELIABILITY_FILE, SWEEP_STATE_FILE
 from medjdt.reporting.tables import FUSION_ORDER
 from medjdt.runs import read_record
@@ -149,14 +149,7 @@ def _write_state(run: SweepRun, state: dict) -> None:
 
 
 def _execute(command: list[str], run: SweepRun, what: str) -> None:
-    log_path = run.directory / LOG_FILE
-    with log_path.open("a", encoding="utf-8") as log:
-        log.write(f"\n$ {shlex.join(command)}\n")
-        log.flush()
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    if code != 0:
-        tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
-        raise RuntimeError(f"run {run.name}: {what} failed (exit code {code}); see {log_path}:\n{tail}")
+    run_logged(command, run.directory / LOG_FILE, f"run {run.name}: {what}")
 
 
 def _manifest_of(run: SweepRun) -> str | None:
