@@ -46,7 +46,7 @@ def reliability_by_arm_figure(pooled_bins: pd.DataFrame) -> Figure:
 
     Args:
         pooled_bins: output of :func:`~medjdt.reporting.statistics.pool_reliability` (``arm, count, confidence,
-            accuracy``); the legend gives each arm's ECE from the pooled bins.
+            accuracy``); the legend gives each arm's ECE pooled over the voxels of every case (``ece_pooled``).
     """
     for column in ("arm", "count", "confidence", "accuracy"):
         if column not in pooled_bins.columns:
@@ -68,7 +68,7 @@ def reliability_by_arm_figure(pooled_bins: pd.DataFrame) -> Figure:
             marker="o",
             markersize=3,
             color=colours[arm],
-            label=f"{arm} (ECE {ece:.4f})",
+            label=f"{arm} (pooled ECE {ece:.4f})",
         )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -162,7 +162,7 @@ def forest_figure(
         ax.set_title(f"Δ{metric} vs {baseline}")
         ax.set_xlabel(f"paired difference, arm − baseline\n({direction} is better; 95% CI)")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(list(position.values()), list(position.keys()))
     axes[0].set_ylim(-0.7, len(arms) - 0.3)
