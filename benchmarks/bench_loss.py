@@ -74,9 +74,9 @@ def _inputs(shape: tuple[int, ...], device: torch.device, seed: int) -> dict[str
 
 def _cases(data: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[Callable, torch.Tensor]]]:
     """{target kind: {implementation: (loss function, target)}}, all computing the same value."""
-    fused = DiceSemimetricLoss(reduction="dataset")
-    reference = DiceSemimetricLoss(reduction="dataset", fused=False)
-    # same quantity as ours: dataset (batch=True) reduction, smoothing 2s on MONAI's doubled numerator
+    fused = DiceSemimetricLoss(aggregation="dataset")
+    reference = DiceSemimetricLoss(aggregation="dataset", fused=False)
+    # same quantity as ours: dataset (batch=True) aggregation, smoothing 2s on MONAI's doubled numerator
     monai_soft = DiceLoss(softmax=True, soft_label=True, batch=True, smooth_nr=2.0, smooth_dr=2.0)
     monai_hard = DiceLoss(softmax=True, to_onehot_y=True, soft_label=True, batch=True, smooth_nr=2.0, smooth_dr=2.0)
     soft, labels = data["soft"], data["hard"]

@@ -8,11 +8,11 @@ step has them. Cases (medjdt side | reference side):
    pipeline from the same inputs: ``one_hot`` of the labels, ``argmax`` + ``one_hot`` of the prediction (what
    ``AsDiscrete(argmax=True, to_onehot=C)`` does), then ``CalibrationErrorMetric`` + ``DiceMetric``. MONAI
    computes less (no top-label ECE, Brier, NLL, IoU...). ``fused_all``: the same plus the QUBIQ thresholded
-   Dice counts (nine thresholds).
+   Dice counts (nine levels).
    ``fused_vs_reference``: ``fused_all`` | the reference functions of :mod:`medjdt.metrics.calibration` and
    :mod:`medjdt.metrics.overlap` computing the same sums one metric at a time (same work, same inputs).
 2. ``combined_update``: ``SegmentationMetrics.update`` (input validation, one fused pass for calibration and
-   overlap with the QUBIQ thresholds, per-case rows), what a validation step runs | the same MONAI pipeline.
+   overlap with the QUBIQ levels, per-case rows), what a validation step runs | the same MONAI pipeline.
    ``combined_vs_monai_metrics``: the same | MONAI's two metrics alone, one-hot tensors prepared outside the
    timing. ``streaming_update``: ``CalibrationMetrics.update`` + ``OverlapMetrics.update`` (validation and the
    fused pass twice) | the MONAI pipeline.
@@ -22,6 +22,8 @@ step has them. Cases (medjdt side | reference side):
    ``MulticlassCalibrationError`` (per image, on the (N, C) layout it needs).
 5. CUDA only: ``fused_vs_torch_chunks``: ``fused_all`` (the Triton kernel when Triton is installed) | the same
    sums by the chunked torch code of :func:`~medjdt.metrics.fused.voxel_sums`.
+
+Every side bins confidences into the default 15 bins (``DEFAULT_N_BINS``), the streaming objects' default.
 
 Times are the best of ``--repeats`` runs, the two sides of a case alternating, so that other jobs on a shared
 machine bias neither side; the process CPU time (best of the runs) is given too, the steadier figure on a
@@ -44,7 +46,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 import medjdt.metrics.fused as fused_metrics
 from medjdt.metrics import (
-    QUBIQ_THRESHOLDS,
+    QUBIQ_LEVELS,
     CalibrationMetrics,
     OverlapMetrics,
     SegmentationMetrics,
@@ -53,7 +55,13 @@ from medjdt.metrics import (
     expected_calibration_error,
 )
 from medjdt.metrics._checks import prepare_inputs
-from medjdt.metrics.calibration import classwise_bin_sums, nll_sums, squared_error_sums, top_label_bin_sums
+from medjdt.metrics.calibration import (
+    DEFAULT_N_BINS,
+    classwise_bin_sums,
+    nll_sums,
+    squared_error_sums,
+    top_label_bin_sums,
+)
 from medjdt.metrics.fused import voxel_sums
 from medjdt.metrics.overlap import overlap_sums
 
@@ -103,17 +111,17 @@ def main() -> None:
     inputs = prepare_inputs(probs, labels, simplex=True)
 
     def fused_ece_brier_dice() -> None:
-        voxel_sums(inputs, n_bins=10, overlap=True)
+        voxel_sums(inputs, n_bins=DEFAULT_N_BINS, overlap=True)
 
     def fused_all() -> None:
-        voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS)
+        voxel_sums(inputs, n_bins=DEFAULT_N_BINS, overlap=True, levels=QUBIQ_LEVELS)
 
     def reference_all() -> None:
-        top_label_bin_sums(inputs, 10)
-        classwise_bin_sums(inputs, 10)
+        top_label_bin_sums(inputs, DEFAULT_N_BINS)
+        classwise_bin_sums(inputs, DEFAULT_N_BINS)
         squared_error_sums(inputs)
         nll_sums(inputs, 1e-7)
-        overlap_sums(inputs, QUBIQ_THRESHOLDS)
+        overlap_sums(inputs, QUBIQ_LEVELS)
 
     calibration = CalibrationMetrics(num_classes).to(device)
     overlap = OverlapMetrics(num_classes).to(device)
@@ -129,11 +137,13 @@ def main() -> None:
         combined.update(probs, labels, case_ids)
 
     def functional_reference() -> None:
-        expected_calibration_error(probs, labels, n_bins=10, kind="classwise")
+        expected_calibration_error(probs, labels, n_bins=DEFAULT_N_BINS, kind="classwise")
         brier_score(probs, labels)
         dice(probs, labels, include_background=True)
 
-    monai_calibration = CalibrationErrorMetric(num_bins=10, include_background=True, metric_reduction="none")
+    monai_calibration = CalibrationErrorMetric(
+        num_bins=DEFAULT_N_BINS, include_background=True, metric_reduction="none"
+    )
     monai_dice = DiceMetric(include_background=True, reduction="none")
 
     def monai_metrics(labels_one_hot: torch.Tensor, predicted_one_hot: torch.Tensor) -> None:
@@ -153,9 +163,9 @@ def main() -> None:
     )
 
     def ours_top_label() -> None:
-        expected_calibration_error(probs, labels, n_bins=10, kind="top_label")
+        expected_calibration_error(probs, labels, n_bins=DEFAULT_N_BINS, kind="top_label")
 
-    torchmetrics_ece = MulticlassCalibrationError(num_classes=num_classes, n_bins=10, norm="l1").to(device)
+    torchmetrics_ece = MulticlassCalibrationError(num_classes=num_classes, n_bins=DEFAULT_N_BINS, norm="l1").to(device)
 
     def torchmetrics_top_label() -> None:
         for b in range(shape[0]):  # per image, like the medjdt value it is compared with

@@ -353,7 +353,7 @@ def _bad(kind: str, manifest: Path, tmp: Path) -> tuple[list[str], str]:
         manifest.with_suffix(".json").write_text("{num_classes: 3")
         return [], f"manifest metadata {manifest.with_suffix('.json')} is not valid JSON"
     if kind == "negative epochs":
-        return ["--trainer.max_epochs", "-5"], "trainer.max_epochs must be a whole number >= -1"
+        return ["--trainer.max_epochs", "-5"], "trainer.max_epochs must be a finite integer >= -1"
     if kind == "no limit with a schedule":
         return ["--trainer.max_epochs", "-1"], "trainer.max_epochs -1 (no limit) leaves no training length"
     if kind == "tiny spacing":

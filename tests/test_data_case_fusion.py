@@ -236,7 +236,7 @@ def test_cached_target_damaged_or_of_the_wrong_shape_is_rebuilt(phantoms, tmp_pa
 def test_argument_checks(phantoms, tmp_path):
     dm = _dm(phantoms, tmp_path / "cache")
     cases = PreprocessedCases(dm.num_classes, dm.spatial_dims, dm.settings, None)
-    with pytest.raises(ValueError, match="whole-case fusion supports"):
+    with pytest.raises(ValueError, match="whole-case fusion: method must be one of"):
         CaseFusedTargets(cases, "mean")
     unlabelled = CaseRecord(case_id="u1", image=phantoms, labels=(), raters=(), fold=0)
     with pytest.raises(ValueError, match="'u1' has no annotations"):

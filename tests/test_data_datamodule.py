@@ -11,6 +11,7 @@ from monai.data import MetaTensor
 from medjdt.data import (
     PreprocessedCases,
     SegmentationDataModule,
+    ensure_demo_data,
     make_phantom_dataset,
     read_manifest,
     restore_original_grid,
@@ -39,12 +40,12 @@ def test_properties_before_setup_and_argument_checks(phantoms, tmp_path):
     assert (dm.num_classes, dm.class_names, dm.spatial_dims, dm.in_channels) == (
         3, ["background", "organ", "lesion"], 3, 1)
     bad = {
-        "fold": (3, r"fold index 3 out of range 0..2"),
+        "fold": (3, r"data.fold must be a finite integer in \[0, 2\], got 3"),
         "num_folds": (5, "num_folds=5 disagrees with manifest .* split into 3 folds"),
         "fusion": ("median", "fusion must be one of"),
         "patch_size": ([16, 16], "must have 3 positive entries"),
         "spacing": ([1.0, 1.0], "must have 3 values for 3D"),
-        "label_smoothing": (1.0, r"label_smoothing must be in \[0, 1\)"),
+        "label_smoothing": (1.0, r"label_smoothing must be a finite number in \[0, 1\)"),
         "smoothing_mode": ("gaussian", "smoothing_mode must be one of"),
         "foreground_ratio": (1.5, "foreground_ratio"),
         "intensity": ("mri", "intensity must be one of"),
@@ -216,11 +217,19 @@ def test_worker_processes_are_seeded_reproducibly(phantoms, tmp_path):
     torch.testing.assert_close(a["label"], b["label"])
 
 
-def test_demo_argument_writes_the_phantoms_when_missing(tmp_path):
+def test_ensure_demo_data_writes_the_phantoms_when_missing_and_the_data_module_only_reads(tmp_path):
     manifest = tmp_path / "demo" / "manifest.csv"
     demo = {"cases": 3, "raters": 2, "shape": [16, 16, 16], "seed": 0}  # folds follow num_folds
+    with pytest.raises(ValueError, match="from Python call medjdt.data.ensure_demo_data first"):
+        SegmentationDataModule(manifest=str(manifest), demo=demo, num_folds=3, patch_size=[8, 8, 8], num_workers=0)
+    assert not (tmp_path / "demo").exists()  # the data module never writes a dataset
+    ensure_demo_data(manifest, demo, num_folds=3, fold=0)
     dm = SegmentationDataModule(manifest=str(manifest), demo=demo, num_folds=3, patch_size=[8, 8, 8], num_workers=0)
-    assert manifest.is_file() and dm.num_classes == 3
+    assert manifest.is_file() and dm.num_classes == 3 and dm.manifest.num_folds == 3
     assert dm.cache_dir == manifest.parent / ".cache"
+    before = manifest.stat().st_mtime_ns
+    ensure_demo_data(manifest, demo, num_folds=3, fold=0)  # present: left alone
+    assert manifest.stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="must be named manifest.csv"):
-        SegmentationDataModule(manifest=str(tmp_path / "other" / "x.csv"), demo=demo, num_folds=3)
+        ensure_demo_data(tmp_path / "other" / "x.csv", demo, num_folds=3, fold=0)
+    assert not (tmp_path / "other").exists()

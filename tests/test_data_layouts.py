@@ -178,7 +178,7 @@ def test_demo_layout_rows(tmp_path):
 
 
 def test_unknown_layout_and_missing_root(tmp_path):
-    with pytest.raises(ValueError, match="unknown layout 'brats'"):
+    with pytest.raises(ValueError, match="layout must be one of .*got 'brats'"):
         build_manifest("brats", tmp_path, tmp_path / "x.csv")
     with pytest.raises(ValueError, match="is not a folder"):
         build_manifest("lits", tmp_path / "nowhere", tmp_path / "x.csv")

@@ -88,7 +88,7 @@ def test_settings_validation():
         PreprocessSettings(intensity="mri")
     with pytest.raises(ValueError, match="low < high"):
         PreprocessSettings(window=(300, -200))
-    with pytest.raises(ValueError, match="positive numbers"):
+    with pytest.raises(ValueError, match="spacing must be a finite number > 0"):
         PreprocessSettings(spacing=(1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="must have 2 values for 2D"):
         PreprocessSettings(spacing=(1.0, 1.0, 1.0)).check_dims(2)

@@ -1,6 +1,7 @@
-"""The fused JDT path (medjdt.losses.fused) against the plain-torch reference path and closed forms.
+"""The fused JDT path (medjdt.losses.fused and its fused_* modules) against the plain-torch reference path and
+closed forms.
 
-Agreement is checked for values and gradients in float32 (1e-5 relative) across variants, p, reductions, masks,
+Agreement is checked for values and gradients in float32 (1e-5 relative) across variants, p, aggregations, masks,
 hard and soft targets, 2D and 3D, and activations; gradcheck runs in float64. Small chunk sizes force many
 chunks and a ragged last chunk, so the chunking itself is under test.
 """
@@ -8,15 +9,18 @@ chunks and a ragged last chunk, so the chunking itself is under test.
 import pytest
 import torch
 
-import medjdt.losses.fused as fused
+import medjdt.losses.fused_activation as fused_activation
+import medjdt.losses.fused_chunks as fused_chunks
+import medjdt.losses.fused_hard as fused_hard
+import medjdt.losses.fused_soft as fused_soft
 from medjdt.losses import JDTLoss, fused_cardinalities, hard_cardinalities, soft_cardinalities
 
 
 @pytest.fixture(params=["one_chunk", "many_chunks"])
 def chunking(request, monkeypatch):
     if request.param == "many_chunks":
-        monkeypatch.setitem(fused._CHUNK_ELEMENTS, "cpu", 64)
-        monkeypatch.setattr(fused, "_MIN_CHUNK_VOXELS", 7)  # 7 does not divide the voxel counts below
+        monkeypatch.setitem(fused_chunks._CHUNK_ELEMENTS, "cpu", 64)
+        monkeypatch.setattr(fused_chunks, "_MIN_CHUNK_VOXELS", 7)  # 7 does not divide the voxel counts below
     return request.param
 
 
@@ -56,12 +60,12 @@ def _assert_fused_matches_reference(options, logits, target, mask, rtol=1e-5):
 OPTIONS = [
     {},
     {"alpha": 0.5, "beta": 0.5, "variant": 2},
-    {"p": 2, "reduction": "image"},
-    {"p": 1.5, "reduction": "class", "active_classes": "present"},
-    {"reduction": {"dataset": 0.5, "image": 0.3, "class": 0.2}, "log_loss": True, "gamma": 1.5},
+    {"p": 2, "aggregation": "image"},
+    {"p": 1.5, "aggregation": "class", "active_classes": "present"},
+    {"aggregation": {"dataset": 0.5, "image": 0.3, "class": 0.2}, "log_loss": True, "gamma": 1.5},
     {"activation": "sigmoid", "class_weights": [1.0, 2.0, 0.5], "include_background": False},
-    {"activation": "sigmoid", "variant": 2, "alpha": 0.3, "beta": 0.9, "reduction": "image"},
-    {"p": 2, "active_classes": "present", "smooth": 0.0, "reduction": "class"},
+    {"activation": "sigmoid", "variant": 2, "alpha": 0.3, "beta": 0.9, "aggregation": "image"},
+    {"p": 2, "active_classes": "present", "smooth": 0.0, "aggregation": "class"},
 ]
 
 
@@ -86,7 +90,7 @@ def test_fused_equals_reference_on_probabilities(hard, options, chunking):
 def test_large_logits_take_the_shifted_softmax_and_still_agree(chunking):
     """Logits beyond the range where exp cannot overflow need the per-voxel maximum subtracted."""
     logits, target, mask = _case((6, 5, 4), hard=False, scale=60.0)
-    assert logits.abs().max() > fused._SAFE_EXP
+    assert logits.abs().max() > fused_activation._SAFE_EXP
     _assert_fused_matches_reference({}, logits, target, mask)
     logits, labels, _ = _case((6, 5, 4), hard=True, scale=60.0)
     _assert_fused_matches_reference({"p": 2}, logits, labels, mask)
@@ -95,7 +99,7 @@ def test_large_logits_take_the_shifted_softmax_and_still_agree(chunking):
 def test_ignore_index_and_binary_single_channel(chunking):
     logits, labels, mask = _case((8, 7), hard=True, seed=3)
     labels[:, 0] = 255
-    _assert_fused_matches_reference({"ignore_index": 255, "reduction": "image"}, logits, labels, mask)
+    _assert_fused_matches_reference({"ignore_index": 255, "aggregation": "image"}, logits, labels, mask)
     binary_logits = logits[:, :1]
     foreground = (labels == 1).long()
     _assert_fused_matches_reference({"activation": "sigmoid"}, binary_logits, foreground, mask)
@@ -122,8 +126,8 @@ def test_non_contiguous_logits():
     [
         ({}, False),
         ({}, True),
-        ({"variant": 2, "reduction": "class", "active_classes": "present"}, False),
-        ({"p": 2, "reduction": "image"}, True),
+        ({"variant": 2, "aggregation": "class", "active_classes": "present"}, False),
+        ({"p": 2, "aggregation": "image"}, True),
         ({"p": 1.5, "log_loss": True}, False),
         ({"p": 1.5, "log_loss": True}, True),
         ({"activation": "sigmoid", "include_background": False}, False),
@@ -131,8 +135,8 @@ def test_non_contiguous_logits():
     ],
 )
 def test_gradcheck_float64_many_chunks(options, hard, monkeypatch):
-    monkeypatch.setitem(fused._CHUNK_ELEMENTS, "cpu", 32)
-    monkeypatch.setattr(fused, "_MIN_CHUNK_VOXELS", 5)
+    monkeypatch.setitem(fused_chunks._CHUNK_ELEMENTS, "cpu", 32)
+    monkeypatch.setattr(fused_chunks, "_MIN_CHUNK_VOXELS", 5)
     logits, target, mask = _case((4, 3, 3), hard, dtype=torch.float64, seed=6, scale=1.0)
     logits.requires_grad_()
     loss_fn = JDTLoss(**options)
@@ -146,12 +150,12 @@ def test_gradcheck_float64_many_chunks(options, hard, monkeypatch):
 
 
 def test_gradcheck_float64_probabilities(monkeypatch):
-    monkeypatch.setitem(fused._CHUNK_ELEMENTS, "cpu", 32)
-    monkeypatch.setattr(fused, "_MIN_CHUNK_VOXELS", 5)
+    monkeypatch.setitem(fused_chunks._CHUNK_ELEMENTS, "cpu", 32)
+    monkeypatch.setattr(fused_chunks, "_MIN_CHUNK_VOXELS", 5)
     _, target, mask = _case((5, 4), hard=False, dtype=torch.float64, seed=7)
     probs = torch.softmax(torch.randn(target.shape, generator=_generator(8), dtype=torch.float64), 1)
     probs.requires_grad_()
-    loss_fn = JDTLoss(activation=None, p=2, reduction="image")
+    loss_fn = JDTLoss(activation=None, p=2, aggregation="image")
     assert torch.autograd.gradcheck(lambda x: loss_fn(x, target, mask), (probs,))
 
 
@@ -187,8 +191,9 @@ def test_hard_cardinalities_equal_one_hot_soft_cardinalities(p, chunking):
 def kept_probs(monkeypatch):
     """The buffers that forward allocates to keep the probabilities in (None: backward recomputes them)."""
     kept = []
-    allocate = fused._probs_buffer
-    monkeypatch.setattr(fused, "_probs_buffer", lambda *args: kept.append(allocate(*args)) or kept[-1])
+    allocate = fused_activation.probs_buffer
+    for module in (fused_soft, fused_hard):
+        monkeypatch.setattr(module, "probs_buffer", lambda *args: kept.append(allocate(*args)) or kept[-1])
     return kept
 
 
@@ -233,11 +238,11 @@ def test_second_backward_through_a_retained_graph_gives_the_same_gradient(hard, 
     # the first backward overwrites the kept probabilities with the gradient; the second recomputes them
     logits, target, mask = _case((7, 6, 5), hard, seed=13)
     logits.requires_grad_()
-    loss = JDTLoss(reduction="image")(logits, target, mask)
+    loss = JDTLoss(aggregation="image")(logits, target, mask)
     first = torch.autograd.grad(loss, logits, retain_graph=True)[0].clone()
     second = torch.autograd.grad(loss, logits)[0]
     torch.testing.assert_close(second, first, rtol=0, atol=0)
-    torch.testing.assert_close(first, _value_and_grad(JDTLoss(reduction="image", fused=False), logits, target,
+    torch.testing.assert_close(first, _value_and_grad(JDTLoss(aggregation="image", fused=False), logits, target,
                                                       mask)[1], rtol=1e-5, atol=1e-7)
 
 

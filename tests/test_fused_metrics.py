@@ -2,16 +2,20 @@
 
 The reference functions (medjdt.metrics.calibration / overlap) are themselves checked against MONAI,
 torchmetrics and scikit-learn in the other metric tests. Counts must agree exactly and sums to float rounding,
-for hard and soft references, masks, 2D and 3D, several bin and threshold settings, values on bin edges and
-thresholds, and many chunks with a ragged last one.
+for hard and soft references, masks, 2D and 3D, several bin and level settings, values on bin edges and
+levels, and many chunks with a ragged last one.
 """
 
 import pytest
 import torch
 
+import medjdt.metrics._float_bits as float_bits
+import medjdt.metrics._voxel_layout as voxel_layout
+import medjdt.metrics._voxel_pass as voxel_pass
 import medjdt.metrics.fused as fused
-from medjdt.metrics import QUBIQ_THRESHOLDS, CalibrationMetrics, OverlapMetrics
+from medjdt.metrics import QUBIQ_LEVELS, CalibrationMetrics, OverlapMetrics
 from medjdt.metrics._checks import prepare_inputs
+from medjdt.metrics._chunk_work import ChunkWork
 from medjdt.metrics.calibration import classwise_bin_sums, nll_sums, squared_error_sums, top_label_bin_sums
 from medjdt.metrics.fused import voxel_sums
 from medjdt.metrics.overlap import overlap_sums
@@ -20,12 +24,12 @@ from medjdt.metrics.overlap import overlap_sums
 @pytest.fixture(params=["one_chunk", "many_chunks"])
 def chunking(request, monkeypatch):
     if request.param == "many_chunks":
-        monkeypatch.setitem(fused._CHUNK_ELEMENTS, "cpu", 100)  # not a divisor of the voxel counts below
+        monkeypatch.setitem(voxel_pass._CHUNK_ELEMENTS, "cpu", 100)  # not a divisor of the voxel counts below
     return request.param
 
 
 def _inputs(spatial, soft, masked, channels=3, batch=2, dtype=torch.float32, seed=0, grid=None):
-    """Softmax probabilities; with ``grid`` they are rounded to multiples of 1/grid (bin edges, thresholds, 1.0)."""
+    """Softmax probabilities; with ``grid`` they are rounded to multiples of 1/grid (bin edges, levels, 1.0)."""
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, channels, *spatial)
     probs = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).softmax(1)
@@ -35,7 +39,7 @@ def _inputs(spatial, soft, masked, channels=3, batch=2, dtype=torch.float32, see
         probs = torch.cat([rounded, 1 - rounded.sum(1, keepdim=True)], dim=1)
     if soft:
         target = torch.randn(shape, generator=generator, dtype=torch.float64).softmax(1)
-        if grid is not None:  # one-hot: reference values exactly 0 and 1, on the thresholds' boundaries
+        if grid is not None:  # one-hot: reference values exactly 0 and 1, on the levels' boundaries
             target = torch.nn.functional.one_hot(target.argmax(1), channels).movedim(-1, 1).double()
         target = target.to(dtype)
     else:
@@ -49,8 +53,8 @@ def _assert_sums_close(actual, expected, dtype):
     torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
 
 
-def _assert_matches_reference(inputs, n_bins=10, thresholds=QUBIQ_THRESHOLDS, eps=1e-7):
-    sums = voxel_sums(inputs, n_bins=n_bins, overlap=True, thresholds=thresholds, eps=eps)
+def _assert_matches_reference(inputs, n_bins=10, levels=QUBIQ_LEVELS, eps=1e-7):
+    sums = voxel_sums(inputs, n_bins=n_bins, overlap=True, levels=levels, eps=eps)
     dtype = inputs.probs.dtype
     top, classwise = top_label_bin_sums(inputs, n_bins), classwise_bin_sums(inputs, n_bins)
     # counts exactly, sums to rounding
@@ -63,7 +67,7 @@ def _assert_matches_reference(inputs, n_bins=10, thresholds=QUBIQ_THRESHOLDS, ep
     _assert_sums_close(sums.classwise, classwise, dtype)
     _assert_sums_close(sums.squared_error, squared_error_sums(inputs), dtype)
     _assert_sums_close(sums.nll, nll_sums(inputs, eps), dtype)
-    reference = overlap_sums(inputs, thresholds)
+    reference = overlap_sums(inputs, levels)
     for name in ("tp", "fp", "fn", "thr_tp", "thr_pred", "thr_ref"):
         torch.testing.assert_close(getattr(sums.overlap, name), getattr(reference, name), rtol=0, atol=0, msg=name)
     if inputs.soft:
@@ -82,16 +86,16 @@ def test_equals_reference_functions(soft, masked, spatial, chunking):
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
-def test_values_on_bin_edges_thresholds_and_one(soft, chunking):
-    """Probabilities on multiples of 1/20: on the bin edges, on the thresholds and equal to 1.0."""
+def test_values_on_bin_edges_levels_and_one(soft, chunking):
+    """Probabilities on multiples of 1/20: on the bin edges, on the levels and equal to 1.0."""
     inputs = _inputs((9, 8, 7), soft, masked=True, grid=20, seed=1)
     assert (inputs.probs == 1.0).any() and (inputs.probs == 0.5).any()
     _assert_matches_reference(inputs)
-    _assert_matches_reference(inputs, n_bins=4, thresholds=(0.25, 0.5, 0.75))
+    _assert_matches_reference(inputs, n_bins=4, levels=(0.25, 0.5, 0.75))
 
 
 @pytest.mark.parametrize(
-    "channels,n_bins,thresholds",
+    "channels,n_bins,levels",
     [
         (2, 1, (0.5,)),
         (4, 7, (0.1, 0.35, 0.6)),
@@ -99,9 +103,9 @@ def test_values_on_bin_edges_thresholds_and_one(soft, chunking):
     ],
 )
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
-def test_other_settings(channels, n_bins, thresholds, soft, chunking):
+def test_other_settings(channels, n_bins, levels, soft, chunking):
     inputs = _inputs((8, 7, 6), soft, masked=True, channels=channels, seed=2)
-    _assert_matches_reference(inputs, n_bins=n_bins, thresholds=thresholds, eps=1e-3)
+    _assert_matches_reference(inputs, n_bins=n_bins, levels=levels, eps=1e-3)
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
@@ -111,20 +115,20 @@ def test_float64_inputs(soft, chunking):
 
 def test_counts_without_bincount_as_on_accelerators(monkeypatch, chunking):
     """Off the CPU the counts are float64 index_add_ sums (bincount would synchronise): same results."""
-    monkeypatch.setattr(fused, "_BINCOUNT_DEVICES", set())
+    monkeypatch.setattr(voxel_pass, "_BINCOUNT_DEVICES", set())
     _assert_matches_reference(_inputs((7, 6, 5), soft=False, masked=True, seed=4))
     _assert_matches_reference(_inputs((7, 6, 5), soft=True, masked=False, seed=5))
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 @pytest.mark.parametrize(
-    "n_bins,overlap,thresholds",
-    [(10, False, ()), (None, True, ()), (None, True, QUBIQ_THRESHOLDS), (6, True, ())],
-    ids=["calibration", "overlap", "overlap_thresholds", "both_no_thresholds"],
+    "n_bins,overlap,levels",
+    [(10, False, ()), (None, True, ()), (None, True, QUBIQ_LEVELS), (6, True, ())],
+    ids=["calibration", "overlap", "overlap_levels", "both_no_levels"],
 )
-def test_parts_can_be_skipped(n_bins, overlap, thresholds, soft, chunking):
+def test_parts_can_be_skipped(n_bins, overlap, levels, soft, chunking):
     inputs = _inputs((6, 5, 4), soft, masked=True, seed=6)
-    sums = voxel_sums(inputs, n_bins=n_bins, overlap=overlap, thresholds=thresholds)
+    sums = voxel_sums(inputs, n_bins=n_bins, overlap=overlap, levels=levels)
     assert (sums.top_label is None) == (n_bins is None) and (sums.overlap is None) == (not overlap)
     if n_bins is not None:
         _assert_sums_close(sums.top_label, top_label_bin_sums(inputs, n_bins), torch.float32)
@@ -132,45 +136,45 @@ def test_parts_can_be_skipped(n_bins, overlap, thresholds, soft, chunking):
         _assert_sums_close(sums.squared_error, squared_error_sums(inputs), torch.float32)
         _assert_sums_close(sums.nll, nll_sums(inputs, 1e-7), torch.float32)
     if overlap:
-        reference = overlap_sums(inputs, thresholds) if thresholds else overlap_sums(inputs, (0.5,))
-        assert sums.overlap.thr_tp.shape == (2, 3, len(thresholds))
+        reference = overlap_sums(inputs, levels) if levels else overlap_sums(inputs, (0.5,))
+        assert sums.overlap.thr_tp.shape == (2, 3, len(levels))
         for name in ("tp", "fp", "fn", "ref_mass", "pred_mass", "abs_diff"):
             _assert_sums_close(getattr(sums.overlap, name), getattr(reference, name), torch.float32)
-        if thresholds:
+        if levels:
             torch.testing.assert_close(sums.overlap.thr_tp, reference.thr_tp, rtol=0, atol=0)
             torch.testing.assert_close(sums.overlap.thr_pred, reference.thr_pred, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_split_class_rows(soft, monkeypatch, chunking):
-    """Class rows whose joint key would be too large are split into a bin row and a threshold row."""
-    monkeypatch.setattr(fused, "_MAX_JOINT_KEYS", 1)
+    """Class rows whose joint key would be too large are split into a bin row and a band row."""
+    monkeypatch.setattr(voxel_layout, "MAX_JOINT_KEYS", 1)
     _assert_matches_reference(_inputs((7, 6, 5), soft, masked=True, seed=7))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "thresholds,table",
+    "levels,table",
     [
-        (QUBIQ_THRESHOLDS, True),
+        (QUBIQ_LEVELS, True),
         (tuple(i / 21 for i in range(1, 21)), True),
         ((0.5,), False),
         ((0.1, 0.35, 0.6), False),
-        ((0.1, 0.2, 0.3, 0.5, 0.5000001), False),  # cells small enough for one threshold each: too many
+        ((0.1, 0.2, 0.3, 0.5, 0.5000001), False),  # cells small enough for one level each: too many
         ((1e-30, 1e-20, 1e-10, 0.25, 0.75), True),
     ],
 )
-def test_threshold_levels_equal_bucketize(thresholds, table, dtype):
-    """Levels from bit patterns (one comparison per threshold, or the table) count the thresholds strictly below
-    each value, also for values on, just above and just below every threshold, 0, -0.0, 1 and subnormals."""
-    edges = torch.tensor(thresholds, dtype=dtype)
+def test_bands_equal_bucketize(levels, table, dtype):
+    """Bands from bit patterns (one comparison per level, or the table) count the levels strictly below each
+    value, also for values on, just above and just below every level, 0, -0.0, 1 and subnormals."""
+    edges = torch.tensor(levels, dtype=dtype)
     special = torch.tensor([0.0, -0.0, 1.0, torch.finfo(dtype).tiny / 4, torch.finfo(dtype).tiny], dtype=dtype)
     around = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
     values = torch.cat([special, around, torch.rand(5000, generator=torch.Generator().manual_seed(0), dtype=dtype)])
-    levels = fused._levels(thresholds, dtype)
-    assert (levels.table is not None) == table
-    bits = fused._clean_bits(values, torch.empty(values.shape, dtype=levels.int_dtype))
-    out = levels.into(bits, torch.empty_like(bits), torch.empty_like(bits))
+    bands = float_bits.bands(levels, dtype)
+    assert (bands.table is not None) == table
+    bits = float_bits.clean_bits(values, torch.empty(values.shape, dtype=bands.int_dtype))
+    out = bands.into(bits, torch.empty_like(bits), torch.empty_like(bits))
     torch.testing.assert_close(out.long(), torch.bucketize(values, edges), rtol=0, atol=0)
 
 
@@ -180,13 +184,13 @@ def test_argmax_from_bit_patterns_keeps_the_first_of_ties(channels):
     generator = torch.Generator().manual_seed(channels)
     values = torch.randint(0, 5, (2, channels, 500), generator=generator).float() / 4
     values[values == 0] = -0.0
-    bits = fused._clean_bits(values, torch.empty(values.shape, dtype=torch.int32))
-    work = fused._Work(values, values.shape[-1])
+    bits = float_bits.clean_bits(values, torch.empty(values.shape, dtype=torch.int32))
+    work = ChunkWork(values, values.shape[-1])
     expected = values.argmax(1)
-    maximum, index = fused._argmax(bits, work, "test")
+    maximum, index = float_bits.argmax_bits(bits, work, "test")
     torch.testing.assert_close(index.long(), expected, rtol=0, atol=0)
     torch.testing.assert_close(maximum.view(torch.float32), values.amax(1).abs(), rtol=0, atol=0)
-    one_hot = fused._argmax_one_hot(bits, work)
+    one_hot = float_bits.argmax_one_hot_bits(bits, work)
     expected_one_hot = torch.nn.functional.one_hot(expected, channels).movedim(-1, 1)
     torch.testing.assert_close(one_hot.long(), expected_one_hot, rtol=0, atol=0)
 
@@ -205,7 +209,7 @@ def test_excluded_voxels_may_hold_anything(soft, chunking):
         dirty_target.movedim(1, -1)[~mask] = torch.tensor([float("nan"), 2.0, 0.0])
     else:
         dirty_target[~mask] = 255
-    options = {"n_bins": 10, "overlap": True, "thresholds": QUBIQ_THRESHOLDS}
+    options = {"n_bins": 10, "overlap": True, "levels": QUBIQ_LEVELS}
     clean = voxel_sums(prepare_inputs(probs, target, mask, simplex=True), **options)
     dirty = voxel_sums(prepare_inputs(dirty_probs, dirty_target, mask, simplex=True), **options)
     for name in ("top_label", "classwise", "squared_error", "nll"):
@@ -224,12 +228,12 @@ def test_sums_stay_accurate_on_a_large_volume():
     probs = torch.cat([1 - foreground, foreground], dim=1)
     labels = (torch.rand(foreground[:, 0].shape, generator=generator) < foreground[:, 0]).long()
     inputs, exact = prepare_inputs(probs, labels, simplex=True), prepare_inputs(probs.double(), labels, simplex=True)
-    sums = voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS)
+    sums = voxel_sums(inputs, n_bins=10, overlap=True, levels=QUBIQ_LEVELS)
     torch.testing.assert_close(sums.top_label, top_label_bin_sums(exact, 10), rtol=1e-12, atol=0)
     torch.testing.assert_close(sums.classwise, classwise_bin_sums(exact, 10), rtol=1e-12, atol=0)
     torch.testing.assert_close(sums.squared_error, squared_error_sums(exact), rtol=1e-6, atol=0)
     torch.testing.assert_close(sums.nll, nll_sums(exact, 1e-7), rtol=1e-6, atol=0)
-    reference = overlap_sums(exact, QUBIQ_THRESHOLDS)
+    reference = overlap_sums(exact, QUBIQ_LEVELS)
     for name in ("tp", "fp", "fn", "ref_mass", "thr_tp", "thr_pred", "thr_ref"):
         torch.testing.assert_close(getattr(sums.overlap, name), getattr(reference, name), rtol=0, atol=0)
     for name in ("pred_mass", "abs_diff"):
@@ -239,15 +243,15 @@ def test_sums_stay_accurate_on_a_large_volume():
 def test_no_host_synchronisation(monkeypatch):
     """Nothing in the pass reads a tensor value on the host (on an accelerator that would wait for the device)."""
     inputs = _inputs((6, 5, 4), soft=True, masked=True)
-    voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS)  # fills the offsets cache
+    voxel_sums(inputs, n_bins=10, overlap=True, levels=QUBIQ_LEVELS)  # fills the offsets cache
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation")
 
     for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    monkeypatch.setattr(fused, "_BINCOUNT_DEVICES", set())
-    voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS)
+    monkeypatch.setattr(voxel_pass, "_BINCOUNT_DEVICES", set())
+    voxel_sums(inputs, n_bins=10, overlap=True, levels=QUBIQ_LEVELS)
 
 
 def _batch(seed=0):
@@ -324,7 +328,7 @@ def test_deferred_update_does_not_synchronise(deferred, monkeypatch):
 
     for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    monkeypatch.setattr(fused, "_BINCOUNT_DEVICES", set())
+    monkeypatch.setattr(voxel_pass, "_BINCOUNT_DEVICES", set())
     calibration.update(probs, labels, ["c", "d"])
     overlap.update(probs, labels, ["c", "d"])
     monkeypatch.undo()
@@ -340,9 +344,9 @@ def test_triton_kernel_takes_the_inputs_it_supports_on_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(fused, "_TRITON_DEVICES", {"cpu"})
     monkeypatch.setattr(fused_triton, "triton_voxel_sums", lambda inputs, **options: calls.append(options) or "kernel")
-    monkeypatch.setattr(fused_triton, "triton_supports", lambda inputs, thresholds: True)
-    assert voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS, unchecked=True) == "kernel"
-    assert calls == [{"n_bins": 10, "overlap": True, "thresholds": QUBIQ_THRESHOLDS, "eps": 1e-7, "unchecked": True}]
-    monkeypatch.setattr(fused_triton, "triton_supports", lambda inputs, thresholds: False)
+    monkeypatch.setattr(fused_triton, "triton_supports", lambda inputs, levels: True)
+    assert voxel_sums(inputs, n_bins=10, overlap=True, levels=QUBIQ_LEVELS, unchecked=True) == "kernel"
+    assert calls == [{"n_bins": 10, "overlap": True, "levels": QUBIQ_LEVELS, "eps": 1e-7, "unchecked": True}]
+    monkeypatch.setattr(fused_triton, "triton_supports", lambda inputs, levels: False)
     torch.testing.assert_close(voxel_sums(inputs, n_bins=10).classwise, classwise_bin_sums(inputs, 10))
     assert len(calls) == 1

@@ -13,7 +13,7 @@ CUDA = torch.cuda.is_available()
 pytest.importorskip("triton", reason="triton is not installed (optional dependency: pip install triton)")
 
 import medjdt.metrics.fused_triton as fused_triton  # noqa: E402
-from medjdt.metrics import QUBIQ_THRESHOLDS  # noqa: E402
+from medjdt.metrics import QUBIQ_LEVELS  # noqa: E402
 from medjdt.metrics._checks import MetricInputs, prepare_inputs  # noqa: E402
 from medjdt.metrics.calibration import (  # noqa: E402
     classwise_bin_sums,
@@ -37,7 +37,7 @@ def small_tiles(monkeypatch):
 
 def _inputs(spatial, soft, masked, channels=3, batch=2, seed=0, grid=None):
     """Validated float32 softmax probabilities; with ``grid`` rounded to multiples of 1/grid that sum to 1 (bin
-    edges, thresholds, 0 and 1, and many argmax ties), and a soft reference on the same grid."""
+    edges, levels, 0 and 1, and many argmax ties), and a soft reference on the same grid."""
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, channels, *spatial)
 
@@ -75,12 +75,12 @@ def _assert_same_sums(sums, expected, exact_accuracy):
         _close(getattr(sums.overlap, name), getattr(expected.overlap, name))
 
 
-def _assert_matches(inputs, n_bins=10, thresholds=QUBIQ_THRESHOLDS, eps=1e-7, reference_inputs=None):
+def _assert_matches(inputs, n_bins=10, levels=QUBIQ_LEVELS, eps=1e-7, reference_inputs=None):
     """Triton sums against voxel_sums and against the reference functions of calibration.py and overlap.py
     (on ``reference_inputs`` when given: the same values in float32)."""
-    sums = triton_voxel_sums(inputs, n_bins=n_bins, overlap=True, thresholds=thresholds, eps=eps)
+    sums = triton_voxel_sums(inputs, n_bins=n_bins, overlap=True, levels=levels, eps=eps)
     reference_inputs = inputs if reference_inputs is None else reference_inputs
-    torch_sums = voxel_sums(reference_inputs, n_bins=n_bins, overlap=True, thresholds=thresholds, eps=eps)
+    torch_sums = voxel_sums(reference_inputs, n_bins=n_bins, overlap=True, levels=levels, eps=eps)
     _assert_same_sums(sums, torch_sums, exact_accuracy=not inputs.soft)
 
     top, classwise = top_label_bin_sums(reference_inputs, n_bins), classwise_bin_sums(reference_inputs, n_bins)
@@ -90,7 +90,7 @@ def _assert_matches(inputs, n_bins=10, thresholds=QUBIQ_THRESHOLDS, eps=1e-7, re
     _close(sums.classwise, classwise)
     _close(sums.squared_error, squared_error_sums(reference_inputs))
     _close(sums.nll, nll_sums(reference_inputs, eps))
-    reference = overlap_sums(reference_inputs, thresholds)
+    reference = overlap_sums(reference_inputs, levels)
     for name in COUNTS:
         torch.testing.assert_close(getattr(sums.overlap, name), getattr(reference, name), rtol=0, atol=0, msg=name)
     for name in ("pred_mass", "ref_mass", "abs_diff"):
@@ -107,20 +107,20 @@ def test_equals_torch_path_and_reference_functions(soft, masked, spatial, small_
 
 
 @pytest.mark.parametrize(
-    "channels,n_bins,thresholds",
-    [(2, 15, QUBIQ_THRESHOLDS), (5, 10, ()), (3, 15, (0.25, 0.5, 0.75))],
+    "channels,n_bins,levels",
+    [(2, 15, QUBIQ_LEVELS), (5, 10, ()), (3, 15, (0.25, 0.5, 0.75))],
     ids=["c2-m15-qubiq", "c5-m10-none", "c3-m15-quartiles"],
 )
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
-def test_other_classes_bins_and_thresholds(channels, n_bins, thresholds, soft, small_tiles):
+def test_other_classes_bins_and_levels(channels, n_bins, levels, soft, small_tiles):
     inputs = _inputs((8, 7, 6), soft, masked=True, channels=channels, seed=1)
-    sums = _assert_matches(inputs, n_bins=n_bins, thresholds=thresholds, eps=1e-3)
-    assert sums.overlap.thr_tp.shape == (2, channels, len(thresholds))
+    sums = _assert_matches(inputs, n_bins=n_bins, levels=levels, eps=1e-3)
+    assert sums.overlap.thr_tp.shape == (2, channels, len(levels))
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
-def test_values_on_bin_edges_thresholds_and_argmax_ties(soft, small_tiles):
-    """Probabilities on multiples of 1/20: exactly 0 and 1, on every bin edge k/10 and every QUBIQ threshold, and
+def test_values_on_bin_edges_levels_and_argmax_ties(soft, small_tiles):
+    """Probabilities on multiples of 1/20: exactly 0 and 1, on every bin edge k/10 and every QUBIQ level, and
     tied maxima (ties go to the lowest class, in the prediction and in the soft reference's majority class)."""
     inputs = _inputs((9, 8, 7), soft, masked=True, grid=20, seed=2)
     probs = inputs.probs
@@ -130,7 +130,7 @@ def test_values_on_bin_edges_thresholds_and_argmax_ties(soft, small_tiles):
     if soft:
         assert ((inputs.target == inputs.target.amax(1, keepdim=True)).sum(1) > 1).any()
     _assert_matches(inputs)
-    _assert_matches(inputs, n_bins=4, thresholds=(0.25, 0.5, 0.75))
+    _assert_matches(inputs, n_bins=4, levels=(0.25, 0.5, 0.75))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -172,14 +172,14 @@ def test_parts_can_be_skipped(small_tiles):
 def test_no_host_synchronisation(monkeypatch, small_tiles):
     """Nothing reads a tensor value on the host (on a GPU that would wait for the device)."""
     inputs = _inputs((9, 8, 7), soft=True, masked=True, seed=6)
-    triton_voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS)  # fills the threshold cache
+    triton_voxel_sums(inputs, n_bins=10, overlap=True, levels=QUBIQ_LEVELS)  # fills the levels cache
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation")
 
     for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    triton_voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS)
+    triton_voxel_sums(inputs, n_bins=10, overlap=True, levels=QUBIQ_LEVELS)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN arithmetic, on purpose
@@ -200,7 +200,7 @@ def test_unchecked_bad_values_are_counted_once_in_range(soft, small_tiles):
         target[0, :10] = -1
         target[1, 10:20] = 3
     inputs = MetricInputs(probs=probs, target=target, mask=good.mask, soft=soft)
-    sums = triton_voxel_sums(inputs, n_bins=10, overlap=True, thresholds=QUBIQ_THRESHOLDS, unchecked=True)
+    sums = triton_voxel_sums(inputs, n_bins=10, overlap=True, levels=QUBIQ_LEVELS, unchecked=True)
     kept = good.mask.sum(1).double()
     torch.testing.assert_close(sums.top_label[0].sum(-1), kept, rtol=0, atol=0)
     torch.testing.assert_close(sums.classwise[0].sum(-1), kept[:, None].expand(2, 3), rtol=0, atol=0)
@@ -225,10 +225,10 @@ def test_rejects_what_the_kernel_cannot_read(monkeypatch):
     with pytest.raises(ValueError, match="classes"):
         many = MetricInputs(inputs.probs.repeat(1, 6, 1) / 6, inputs.target, inputs.mask, False)
         triton_voxel_sums(many, n_bins=10)
-    with pytest.raises(ValueError, match="thresholds"):
-        triton_voxel_sums(inputs, overlap=True, thresholds=[i / 17 for i in range(1, 17)])
-    with pytest.raises(ValueError, match="thresholds"):
-        triton_voxel_sums(inputs, overlap=True, thresholds=(0.5, 0.2))
+    with pytest.raises(ValueError, match="levels"):
+        triton_voxel_sums(inputs, overlap=True, levels=[i / 17 for i in range(1, 17)])
+    with pytest.raises(ValueError, match="levels"):
+        triton_voxel_sums(inputs, overlap=True, levels=(0.5, 0.2))
     with pytest.raises(ValueError, match="n_bins"):
         triton_voxel_sums(inputs, n_bins=0)
     with pytest.raises(ValueError, match="eps"):
@@ -241,8 +241,19 @@ def test_rejects_what_the_kernel_cannot_read(monkeypatch):
 
 def test_supports():
     inputs = _inputs((6, 5, 4), soft=True, masked=False, seed=9)
-    assert triton_supports(inputs, QUBIQ_THRESHOLDS)
+    assert triton_supports(inputs, QUBIQ_LEVELS)
     assert not triton_supports(inputs, [i / 17 for i in range(1, 17)])
     assert not triton_supports(MetricInputs(inputs.probs.double(), inputs.target.double(), None, True))
     many = MetricInputs(inputs.probs.repeat(1, 6, 1) / 6, inputs.target.repeat(1, 6, 1) / 6, None, True)
     assert not triton_supports(many)
+
+
+def test_thresholds_is_a_deprecated_name_of_levels(small_tiles):
+    inputs = _inputs((6, 5, 4), soft=True, masked=True, seed=10)
+    with pytest.warns(FutureWarning, match="^triton_voxel_sums: argument 'thresholds' is deprecated; use 'levels'$"):
+        old = triton_voxel_sums(inputs, n_bins=10, overlap=True, thresholds=(0.25, 0.5))
+    new = triton_voxel_sums(inputs, n_bins=10, overlap=True, levels=(0.25, 0.5))
+    for name in COUNTS:
+        torch.testing.assert_close(getattr(old.overlap, name), getattr(new.overlap, name), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="give only 'levels'"):
+        triton_voxel_sums(inputs, overlap=True, levels=(0.5,), thresholds=(0.25, 0.5))

@@ -65,8 +65,8 @@ def _assert_matches_reference(options, logits, target, mask, rtol=1e-5):
     "options",
     [
         {},
-        {"p": 2, "reduction": "image"},
-        {"variant": 2, "alpha": 0.5, "beta": 0.5, "reduction": "class", "active_classes": "present"},
+        {"p": 2, "aggregation": "image"},
+        {"variant": 2, "alpha": 0.5, "beta": 0.5, "aggregation": "class", "active_classes": "present"},
         {"activation": "sigmoid", "include_background": False},
         {"activation": "sigmoid", "p": 2, "log_loss": True},
     ],
@@ -83,7 +83,7 @@ def test_kernels_equal_reference(options, hard, triton_path):
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 def test_other_class_counts_2d_and_no_mask(channels, hard, triton_path):
     logits, target, mask = _case((23, 17), hard, channels=channels, masked=False, seed=1)
-    _assert_matches_reference({"reduction": {"dataset": 0.5, "image": 0.5}}, logits, target, mask)
+    _assert_matches_reference({"aggregation": {"dataset": 0.5, "image": 0.5}}, logits, target, mask)
     assert triton_path
 
 

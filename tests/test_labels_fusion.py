@@ -313,7 +313,7 @@ def test_bad_raters_raise(raters, match):
 
 def test_bad_arguments_raise():
     stack = _random_stack(12, 3, (4, 4), 2)
-    with pytest.raises(ValueError, match="unknown fusion method 'median'"):
+    with pytest.raises(ValueError, match="fuse: method must be one of .*got 'median'"):
         fuse(stack, "median", 2)
     with pytest.raises(ValueError, match="num_classes"):
         fuse(stack, "mean", 1)

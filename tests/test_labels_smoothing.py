@@ -132,7 +132,7 @@ def test_bad_input_raises():
         smooth_labels(hard, 0.1)
     with pytest.raises(ValueError, match="label 2 outside"):
         smooth_labels(hard + 2, 0.1, num_classes=2)
-    with pytest.raises(ValueError, match="unknown smoothing mode"):
+    with pytest.raises(ValueError, match="label smoothing: mode must be one of"):
         smooth_labels(soft, 0.1, "gaussian")
     with pytest.raises(ValueError, match="kernel_size"):
         smooth_labels(soft, 0.1, "boundary", 4)

@@ -117,7 +117,7 @@ def test_fuse_ratersd_bad_arguments_raise():
         FuseRatersd(keys=["a", "b"], num_classes=2)
     with pytest.raises(ValueError, match="must differ"):
         FuseRatersd(keys="label", num_classes=2)
-    with pytest.raises(ValueError, match="unknown fusion method"):
+    with pytest.raises(ValueError, match="FuseRatersd: method must be one of"):
         FuseRatersd(method="vote", num_classes=2)
     with pytest.raises(ValueError, match="num_classes"):
         FuseRatersd(num_classes=1)
@@ -143,7 +143,7 @@ def test_smooth_labelsd_bad_input_raises():
         SmoothLabelsd(epsilon=1.2)
     with pytest.raises(ValueError, match="kernel_size"):
         SmoothLabelsd(mode="boundary", kernel_size=2)
-    with pytest.raises(ValueError, match="unknown smoothing mode"):
+    with pytest.raises(ValueError, match="label smoothing: mode must be one of"):
         SmoothLabelsd(mode="edges")
     with pytest.raises(ValueError, match="floating soft target"):
         SmoothLabelsd()({"label": torch.zeros(2, 4, 4, dtype=torch.long)})

@@ -1,6 +1,6 @@
 """Two CPU processes (gloo), each with half of a batch, against one process with the whole batch.
 
-Convention under test (JDTLoss docstring): with the dataset reduction every rank returns the full-batch loss,
+Convention under test (JDTLoss docstring): with the dataset aggregation every rank returns the full-batch loss,
 and the gradient on each rank's own logits is ``world_size`` times the full-batch gradient of those logits, so
 that DDP's averaging of parameter gradients gives exactly the full-batch parameter gradient.
 """

@@ -26,12 +26,12 @@ def _random_probs(shape, seed):
 
 @pytest.mark.parametrize("weights", [JML, DML])
 @pytest.mark.parametrize("variant", [1, 2])
-@pytest.mark.parametrize("reduction", ["dataset", "image", "class"])
-def test_reflexive_zero_exactly_at_the_target(weights, variant, reduction):
+@pytest.mark.parametrize("aggregation", ["dataset", "image", "class"])
+def test_reflexive_zero_exactly_at_the_target(weights, variant, aggregation):
     shape = (2, 3, 6, 5, 4)
     logits = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     target = torch.softmax(logits, dim=1)
-    loss = JDTLoss(smooth=0.0, variant=variant, reduction=reduction, **weights)
+    loss = JDTLoss(smooth=0.0, variant=variant, aggregation=aggregation, **weights)
     assert loss(logits, target).item() == pytest.approx(0.0, abs=1e-12)
     other = _random_probs(shape, seed=1)
     assert loss(logits, other).item() > 1e-3
@@ -89,10 +89,10 @@ def test_soft_label_half_is_best_matched_by_half(loss_cls):
 @pytest.mark.parametrize(
     "options",
     [
-        {"reduction": "dataset"},
-        {"reduction": "image", "active_classes": "present", "p": 2},
-        {"reduction": "class", "active_classes": "present", "variant": 2, "alpha": 0.3, "beta": 0.9},
-        {"reduction": {"dataset": 0.5, "image": 0.3, "class": 0.2}, "log_loss": True, "gamma": 1.5, "p": 1.5},
+        {"aggregation": "dataset"},
+        {"aggregation": "image", "active_classes": "present", "p": 2},
+        {"aggregation": "class", "active_classes": "present", "variant": 2, "alpha": 0.3, "beta": 0.9},
+        {"aggregation": {"dataset": 0.5, "image": 0.3, "class": 0.2}, "log_loss": True, "gamma": 1.5, "p": 1.5},
         {"activation": "sigmoid", "class_weights": [1.0, 2.0, 0.5], "include_background": False},
     ],
 )
@@ -123,7 +123,7 @@ def test_gradcheck_float64(options, hard):
 def test_gradcheck_functional_on_probabilities_2d():
     probs = _random_probs((2, 3, 5, 4), seed=5).requires_grad_()
     target = _random_probs((2, 3, 5, 4), seed=6).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, y: jdt_loss(x, y, reduction="image"), (probs, target))
+    assert torch.autograd.gradcheck(lambda x, y: jdt_loss(x, y, aggregation="image"), (probs, target))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -40,69 +40,69 @@ def _classic_soft_dice_jaccard(probs, onehot, dims, smooth):
 
 
 @pytest.mark.parametrize("spatial", [(9, 7), (6, 5, 4)])
-@pytest.mark.parametrize("reduction", ["dataset", "image"])
-def test_hard_labels_equal_classic_soft_dice_and_jaccard(spatial, reduction):
+@pytest.mark.parametrize("aggregation", ["dataset", "image"])
+def test_hard_labels_equal_classic_soft_dice_and_jaccard(spatial, aggregation):
     batch, channels = 3, 4
     logits = _logits((batch, channels, *spatial))
     labels = _labels(batch, channels, spatial)
     probs = torch.softmax(logits, dim=1)
     spatial_dims = tuple(range(2, logits.ndim))
-    dims = (0, *spatial_dims) if reduction == "dataset" else spatial_dims
+    dims = (0, *spatial_dims) if aggregation == "dataset" else spatial_dims
     dice, jaccard = _classic_soft_dice_jaccard(probs, _one_hot(labels, channels), dims, SMOOTH)
     for variant in (1, 2):
-        assert DiceSemimetricLoss(reduction=reduction, variant=variant)(logits, labels).item() == pytest.approx(
+        assert DiceSemimetricLoss(aggregation=aggregation, variant=variant)(logits, labels).item() == pytest.approx(
             dice.item(), rel=1e-12
         )
-        assert JaccardMetricLoss(reduction=reduction, variant=variant)(logits, labels).item() == pytest.approx(
+        assert JaccardMetricLoss(aggregation=aggregation, variant=variant)(logits, labels).item() == pytest.approx(
             jaccard.item(), rel=1e-12
         )
 
 
-@pytest.mark.parametrize("reduction", ["dataset", "image"])
+@pytest.mark.parametrize("aggregation", ["dataset", "image"])
 @pytest.mark.parametrize("include_background", [True, False])
-def test_hard_labels_equal_monai_dice(reduction, include_background):
+def test_hard_labels_equal_monai_dice(aggregation, include_background):
     logits = _logits((2, 3, 8, 7, 6))
     labels = _labels(2, 3, (8, 7, 6))
     monai = DiceLoss(
         softmax=True,
         to_onehot_y=True,
-        batch=MONAI_BATCH[reduction],
+        batch=MONAI_BATCH[aggregation],
         include_background=include_background,
         **MONAI_SMOOTH,
     )
-    ours = DiceSemimetricLoss(reduction=reduction, include_background=include_background)
+    ours = DiceSemimetricLoss(aggregation=aggregation, include_background=include_background)
     # MONAI one-hot encodes in float32, hence the tolerance
     assert ours(logits, labels).item() == pytest.approx(monai(logits, labels.unsqueeze(1)).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("reduction", ["dataset", "image"])
-def test_ignore_index_equals_monai(reduction):
+@pytest.mark.parametrize("aggregation", ["dataset", "image"])
+def test_ignore_index_equals_monai(aggregation):
     logits = _logits((2, 3, 10, 9))
     labels = _labels(2, 3, (10, 9))
     labels[:, :3] = 255
     labels[1, 5:, :2] = 255
-    monai = DiceLoss(softmax=True, to_onehot_y=True, batch=MONAI_BATCH[reduction], ignore_index=255, **MONAI_SMOOTH)
-    ours = DiceSemimetricLoss(reduction=reduction, ignore_index=255)
+    monai = DiceLoss(softmax=True, to_onehot_y=True, batch=MONAI_BATCH[aggregation], ignore_index=255, **MONAI_SMOOTH)
+    ours = DiceSemimetricLoss(aggregation=aggregation, ignore_index=255)
     assert ours(logits, labels).item() == pytest.approx(monai(logits, labels.unsqueeze(1)).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("reduction", ["dataset", "image"])
-def test_squared_cardinalities_equal_monai_squared_pred(reduction):
+@pytest.mark.parametrize("aggregation", ["dataset", "image"])
+def test_squared_cardinalities_equal_monai_squared_pred(aggregation):
     logits = _logits((2, 3, 8, 8))
     labels = _labels(2, 3, (8, 8))
-    monai = DiceLoss(softmax=True, to_onehot_y=True, squared_pred=True, batch=MONAI_BATCH[reduction], **MONAI_SMOOTH)
-    ours = DiceSemimetricLoss(reduction=reduction, p=2)
+    monai = DiceLoss(softmax=True, to_onehot_y=True, squared_pred=True, batch=MONAI_BATCH[aggregation], **MONAI_SMOOTH)
+    ours = DiceSemimetricLoss(aggregation=aggregation, p=2)
     assert ours(logits, labels).item() == pytest.approx(monai(logits, labels.unsqueeze(1)).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("spatial", [(12, 11), (7, 6, 5)])
-@pytest.mark.parametrize("reduction", ["dataset", "image"])
+@pytest.mark.parametrize("aggregation", ["dataset", "image"])
 @pytest.mark.parametrize("jaccard", [False, True])
-def test_soft_labels_equal_monai_soft_label(spatial, reduction, jaccard):
+def test_soft_labels_equal_monai_soft_label(spatial, aggregation, jaccard):
     shape = (3, 4, *spatial)
     logits, target = _logits(shape), _soft_target(shape)
-    monai = DiceLoss(softmax=True, soft_label=True, jaccard=jaccard, batch=MONAI_BATCH[reduction], **MONAI_SMOOTH)
-    ours = (JaccardMetricLoss if jaccard else DiceSemimetricLoss)(reduction=reduction)
+    monai = DiceLoss(softmax=True, soft_label=True, jaccard=jaccard, batch=MONAI_BATCH[aggregation], **MONAI_SMOOTH)
+    ours = (JaccardMetricLoss if jaccard else DiceSemimetricLoss)(aggregation=aggregation)
     assert ours(logits, target).item() == pytest.approx(monai(logits, target).item(), rel=1e-10)
 
 
@@ -124,18 +124,18 @@ def test_binary_single_channel_hard_labels_equal_monai():
     assert ours(logits, labels).item() == pytest.approx(monai(logits, labels.unsqueeze(1).double()).item(), rel=1e-10)
 
 
-@pytest.mark.parametrize("reduction", ["dataset", "image"])
-def test_log_loss_and_focal_power_from_monai_per_class_values(reduction):
+@pytest.mark.parametrize("aggregation", ["dataset", "image"])
+def test_log_loss_and_focal_power_from_monai_per_class_values(aggregation):
     shape = (2, 3, 9, 9)
     logits, target = _logits(shape), _soft_target(shape)
-    monai = DiceLoss(softmax=True, soft_label=True, batch=MONAI_BATCH[reduction], reduction="none", **MONAI_SMOOTH)
+    monai = DiceLoss(softmax=True, soft_label=True, batch=MONAI_BATCH[aggregation], reduction="none", **MONAI_SMOOTH)
     per_entry = monai(logits, target).flatten()  # 1 - T for every (image, class) or class
-    # with every class active, the image reduction's mean of per-image class means is the plain mean too
+    # with every class active, the image aggregation's mean of per-image class means is the plain mean too
     expected_log, expected_focal = (-torch.log(1 - per_entry)).mean(), (per_entry**2.5).mean()
-    assert DiceSemimetricLoss(reduction=reduction, log_loss=True)(logits, target).item() == pytest.approx(
+    assert DiceSemimetricLoss(aggregation=aggregation, log_loss=True)(logits, target).item() == pytest.approx(
         expected_log.item(), rel=1e-10
     )
-    assert DiceSemimetricLoss(reduction=reduction, gamma=2.5)(logits, target).item() == pytest.approx(
+    assert DiceSemimetricLoss(aggregation=aggregation, gamma=2.5)(logits, target).item() == pytest.approx(
         expected_focal.item(), rel=1e-10
     )
 
@@ -168,7 +168,7 @@ def test_hard_label_path_equals_soft_one_hot_path(p, variant):
     logits = _logits((batch, channels, *spatial))
     labels = _labels(batch, channels, spatial)
     mask = torch.rand((batch, *spatial), generator=torch.Generator().manual_seed(3)) > 0.3
-    loss = JDTLoss(alpha=0.3, beta=0.7, p=p, variant=variant, reduction={"dataset": 1.0, "image": 0.5, "class": 0.5})
+    loss = JDTLoss(alpha=0.3, beta=0.7, p=p, variant=variant, aggregation={"dataset": 1.0, "image": 0.5, "class": 0.5})
     assert loss(logits, labels, mask).item() == pytest.approx(
         loss(logits, _one_hot(labels, channels), mask).item(), rel=1e-12
     )

@@ -128,7 +128,7 @@ def test_bad_logits_and_target_dtypes(loss):
     logits, labels, soft = _inputs()
     with pytest.raises(ValueError, match=r"2 or 3 spatial dims, got shape \(2, 3, 6\)"):
         _call(loss, logits[..., 0], labels[..., 0])
-    with pytest.raises(ValueError, match="logits must be a floating tensor"):
+    with pytest.raises(ValueError, match="logits must be a floating point tensor"):
         _call(loss, labels.unsqueeze(1).expand(2, 3, 6, 5), labels)
     with pytest.raises(ValueError, match="hard labels of shape .* must be an integer tensor"):
         _call(loss, logits, labels.float())
@@ -153,26 +153,43 @@ def test_probabilities_outside_unit_interval_with_activation_none():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"variant": 3}, "variant must be 1 or 2"),
+        ({"variant": 3}, "variant must be one of 1, 2, got 3"),
         ({"p": 0.5}, "p must be a finite number >= 1"),
         ({"variant": 2, "p": 2}, "variant=2 is defined for p=1 only"),
-        ({"reduction": "mean"}, "unknown reduction 'mean'"),
-        ({"reduction": {"image": -1.0}}, "reduction weight for 'image'"),
-        ({"reduction": {"image": 0.0}}, "has no positive weight"),
+        ({"aggregation": "mean"}, "aggregation must be one of 'dataset', 'image', 'class', got 'mean'"),
+        ({"aggregation": "imag"}, "did you mean image"),
+        ({"aggregation": {"image": -1.0}}, "aggregation weight for 'image' must be a finite number >= 0"),
+        ({"aggregation": {"image": 0.0}}, "has no positive weight"),
+        ({"aggregation": []}, "aggregation must be one of"),
         ({"active_classes": "some"}, "active_classes must be one of"),
-        ({"threshold": 1.0}, "threshold must be < 1"),
+        ({"presence_threshold": 1.0}, r"presence_threshold must be a finite number in \[0, 1\)"),
+        ({"presence_threshold": -0.1}, r"presence_threshold must be a finite number in \[0, 1\)"),
         ({"smooth": -1.0}, "smooth must be a finite number >= 0"),
         ({"gamma": 0.0}, "gamma must be a finite number > 0"),
         ({"alpha": -0.5}, "alpha must be a finite number >= 0"),
         ({"alpha": 0.0, "beta": 0.0}, "must not both be 0"),
         ({"class_weights": [1.0, -1.0]}, "class_weights must be finite, >= 0"),
         ({"activation": "relu"}, "activation must be one of"),
-        ({"ignore_index": 1.5}, "ignore_index must be an int or None"),
+        ({"ignore_index": 1.5}, "ignore_index must be a finite integer"),
+        ({"smooth": True}, "smooth must be a finite number >= 0, got True"),
+        ({"gamma": float("nan")}, "gamma must be a finite number > 0"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         JDTLoss(**kwargs)
+
+
+def test_errors_name_the_class_and_function_that_was_called():
+    with pytest.raises(ValueError, match="^DiceSemimetricLoss: smooth must be"):
+        DiceSemimetricLoss(smooth=-1.0)
+    with pytest.raises(ValueError, match="^SoftTargetCrossEntropy: activation must be one of 'softmax', 'sigmoid'"):
+        SoftTargetCrossEntropy(activation=None)
+    _, labels, soft = _inputs()
+    with pytest.raises(ValueError, match="^soft_cardinalities: p must be"):
+        soft_cardinalities(soft, soft, p=0)
+    with pytest.raises(ValueError, match="^hard_cardinalities: ignore_index must be"):
+        hard_cardinalities(soft, labels, ignore_index="255")
 
 
 def test_presets_fix_alpha_and_beta():

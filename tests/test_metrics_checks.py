@@ -120,7 +120,7 @@ def test_non_tensor_input():
 
 def test_bad_arguments():
     probs, labels = _valid()
-    with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+    with pytest.raises(ValueError, match="n_bins must be a finite integer >= 1"):
         expected_calibration_error(probs, labels, n_bins=0)
     with pytest.raises(ValueError, match="kind must be one of 'top_label', 'classwise'"):
         expected_calibration_error(probs, labels, kind="marginal")
@@ -128,11 +128,11 @@ def test_bad_arguments():
         expected_calibration_error(probs, labels, norm="l3")
     with pytest.raises(ValueError, match="empty must be one of 'nan', 'one', 'zero'"):
         dice(probs, labels, empty="skip")
-    with pytest.raises(ValueError, match="threshold must be None"):
+    with pytest.raises(ValueError, match=r"threshold must be a finite number in \[0, 1\)"):
         dice(probs, labels, threshold=1.5)
     with pytest.raises(ValueError, match="strictly increasing"):
-        thresholded_dice(probs, labels, thresholds=[0.5, 0.2])
-    with pytest.raises(ValueError, match="eps must be in"):
+        thresholded_dice(probs, labels, levels=[0.5, 0.2])
+    with pytest.raises(ValueError, match=r"eps must be a finite number in \(0, 1\)"):
         nll(probs, labels, eps=0)
 
 
@@ -157,7 +157,7 @@ def test_streaming_input_errors_name_the_case(cls):
 
 
 def test_streaming_constructor_errors():
-    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+    with pytest.raises(ValueError, match="num_classes must be a finite integer >= 2"):
         OverlapMetrics(num_classes=1)
     with pytest.raises(ValueError, match="class_names must be 3 distinct strings"):
         CalibrationMetrics(num_classes=3, class_names=["bg", "kidney"])

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.metrics import DiceMetric, MeanIoU
 
-from medjdt.metrics import QUBIQ_THRESHOLDS, dice, iou, soft_dice, thresholded_dice
+from medjdt.metrics import QUBIQ_LEVELS, dice, iou, soft_dice, thresholded_dice
 
 
 def _probs(shape, seed, scale=2.0, dtype=torch.float32):
@@ -124,10 +124,10 @@ def test_soft_dice_closed_form_soft_reference():
     assert soft_dice(confident, half).item() == pytest.approx(2 / 3)
 
 
-def numpy_thresholded_dice(x, y, thresholds):
-    """QUBIQ reference for one image and class: mean over thresholds of Dice(x > t, y > t), both-empty skipped."""
+def numpy_thresholded_dice(x, y, levels):
+    """QUBIQ reference for one image and class: mean over levels of Dice(x > t, y > t), both-empty skipped."""
     scores = []
-    for t in thresholds:
+    for t in levels:
         a, b = x > t, y > t
         total = a.sum() + b.sum()
         if total > 0:
@@ -141,7 +141,7 @@ def test_thresholded_dice_matches_numpy_reference():
     ours = thresholded_dice(probs, target, include_background=True)
     for b in range(2):
         for c in range(3):
-            expected = numpy_thresholded_dice(probs[b, c].numpy(), target[b, c].numpy(), np.float32(QUBIQ_THRESHOLDS))
+            expected = numpy_thresholded_dice(probs[b, c].numpy(), target[b, c].numpy(), np.float32(QUBIQ_LEVELS))
             assert ours[b, c].item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -161,15 +161,15 @@ def test_thresholded_dice_with_hard_reference_averages_monai_dice_over_threshold
     reference = _one_hot(labels, 3)
     per_threshold = [
         DiceMetric(include_background=False, reduction="none", ignore_empty=False)((probs > t).float(), reference)
-        for t in np.float32(QUBIQ_THRESHOLDS)
+        for t in np.float32(QUBIQ_LEVELS)
     ]
     torch.testing.assert_close(thresholded_dice(probs, labels), torch.stack(per_threshold).mean(0))
 
 
-def test_custom_thresholds():
+def test_custom_levels():
     probs = _probs((1, 2, 10, 10), seed=11)
     target = _probs((1, 2, 10, 10), seed=12)
-    ours = thresholded_dice(probs, target, thresholds=[0.5])
+    ours = thresholded_dice(probs, target, levels=[0.5])
     expected = numpy_thresholded_dice(probs[0, 1].numpy(), target[0, 1].numpy(), [np.float32(0.5)])
     assert ours.item() == pytest.approx(expected)
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-import medjdt.metrics.streaming as streaming
+import medjdt.metrics._per_case_metric as per_case_metric
 from medjdt.metrics import CalibrationMetrics, OverlapMetrics, SegmentationMetrics
 
 
@@ -29,7 +29,7 @@ def _batch(soft, seed=0, shape=(2, 3, 6, 7, 8)):
 def _separate(num_classes=3, **options):
     """The two objects configured as SegmentationMetrics(**options) configures its parts."""
     calibration_keys = {"n_bins", "norm", "class_names", "eps"}
-    overlap_keys = {"include_background", "class_names", "empty", "thresholds", "worst_percent"}
+    overlap_keys = {"include_background", "class_names", "empty", "levels", "worst_percent"}
     calibration = {k: v for k, v in options.items() if k in calibration_keys}
     if "calibration_background" in options:
         calibration["include_background"] = options["calibration_background"]
@@ -66,7 +66,7 @@ def _assert_same_as_separate(combined, calibration, overlap):
             "calibration_background": False,
             "class_names": ["bg", "kidney", "tumor"],
             "empty": "one",
-            "thresholds": (0.25, 0.5, 0.75),
+            "levels": (0.25, 0.5, 0.75),
             "worst_percent": (10, 50),
             "eps": 1e-4,
         },
@@ -92,17 +92,17 @@ def test_equals_calibration_and_overlap_metrics(soft, options):
 
 def test_one_pass_per_update(monkeypatch):
     calls = []
-    real = streaming.voxel_sums
+    real = per_case_metric.voxel_sums
 
     def counted(inputs, **options):
         calls.append(options)
         return real(inputs, **options)
 
-    monkeypatch.setattr(streaming, "voxel_sums", counted)
+    monkeypatch.setattr(per_case_metric, "voxel_sums", counted)
     probs, labels, _ = _batch(soft=False)
     SegmentationMetrics(3, n_bins=12).update(probs, labels)
     assert len(calls) == 1
-    assert calls[0]["n_bins"] == 12 and calls[0]["overlap"] and len(calls[0]["thresholds"]) == 9
+    assert calls[0]["n_bins"] == 12 and calls[0]["overlap"] and len(calls[0]["levels"]) == 9
 
 
 def test_results_follow_later_updates():
@@ -167,12 +167,12 @@ def test_input_and_argument_errors():
         metric.update(probs, labels + 1, ["a", "b"])
     with pytest.raises(ValueError, match="built for num_classes=4"):
         SegmentationMetrics(4).update(probs, labels)
-    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+    with pytest.raises(ValueError, match="num_classes must be a finite integer >= 2"):
         SegmentationMetrics(1)
-    with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+    with pytest.raises(ValueError, match="n_bins must be a finite integer >= 1"):
         SegmentationMetrics(3, n_bins=0)
     with pytest.raises(ValueError, match="strictly increasing"):
-        SegmentationMetrics(3, thresholds=(0.5, 0.2))
+        SegmentationMetrics(3, levels=(0.5, 0.2))
     with pytest.raises(ValueError, match="class_names must be 3 distinct strings"):
         SegmentationMetrics(3, class_names=["a", "a", "b"])
     with pytest.raises(ValueError, match="kind must be one of"):

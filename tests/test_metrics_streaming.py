@@ -154,14 +154,14 @@ def test_pooled_calibration_equals_functional_on_all_voxels(volumes):
     bins = metric.reliability()
     reference = reliability_bins(p, t, mask=m)
     assert list(bins.columns) == ["bin_lower", "bin_upper", "count", "confidence", "accuracy"]
-    np.testing.assert_allclose(bins["bin_lower"], np.arange(10) / 10)
-    np.testing.assert_allclose(bins["bin_upper"], np.arange(1, 11) / 10)
+    np.testing.assert_allclose(bins["bin_lower"], np.arange(15) / 15)  # 15 bins by default
+    np.testing.assert_allclose(bins["bin_upper"], np.arange(1, 16) / 15)
     np.testing.assert_array_equal(bins["count"], reference.count[0].numpy())
     np.testing.assert_allclose(bins["confidence"], reference.confidence[0].numpy(), rtol=1e-6)
     np.testing.assert_allclose(bins["accuracy"], reference.accuracy[0].numpy(), rtol=1e-6)
     classwise_bins = metric.reliability("classwise")
     classwise_reference = reliability_bins(p, t, kind="classwise", mask=m)
-    assert list(classwise_bins["class"]) == [name for name in ("0", "1", "2") for _ in range(10)]
+    assert list(classwise_bins["class"]) == [name for name in ("0", "1", "2") for _ in range(15)]
     np.testing.assert_array_equal(classwise_bins["count"], classwise_reference.count[0].flatten().numpy())
     np.testing.assert_allclose(classwise_bins["accuracy"], classwise_reference.accuracy[0].flatten().numpy(), rtol=1e-6)
 

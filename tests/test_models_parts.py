@@ -1,13 +1,18 @@
-"""Network factory, specs, schedules and deep-supervision plumbing."""
+"""Network factory, specs, schedules, deep-supervision plumbing and the evaluation tables callback."""
 
 import math
 
+import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 from monai.networks.nets import DynUNet, SegResNet, UNet
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
+from medjdt.models import EvaluationTables, SegmentationModule
 from medjdt.models.networks import build_network, deep_supervision_heads, network_channels
-from medjdt.models.schedules import lr_factor
+from medjdt.models.schedules import adamw_with_schedule, lr_factor
 from medjdt.models.specs import instantiate
 
 UNET3D = {
@@ -91,5 +96,110 @@ def test_lr_schedule_warmup_then_decay():
     assert lr_factor(mid, total, warm, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(mid, total, warm, "poly") == pytest.approx(0.5**0.9)
     assert lr_factor(50, total, 0, "constant") == 1.0
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="lr_factor: schedule must be one of 'poly', 'cosine', 'constant', got 'lin"):
         lr_factor(0, 10, 0, "linear")
+
+
+def test_adamw_with_schedule_warms_up_over_the_run_and_needs_a_finite_run_for_a_schedule():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = adamw_with_schedule(params, lr=0.1, weight_decay=0.0, warmup_fraction=0.1, schedule="cosine", total_steps=50)
+    scheduler = opt["lr_scheduler"]["scheduler"]
+    assert opt["lr_scheduler"]["interval"] == "step"
+    assert opt["optimizer"].param_groups[0]["lr"] == pytest.approx(0.1 * lr_factor(0, 50, 5, "cosine"))
+    for _ in range(5):
+        opt["optimizer"].step()
+        scheduler.step()
+    assert opt["optimizer"].param_groups[0]["lr"] == pytest.approx(0.1)  # warm-up done after 10% of 50 steps
+    with pytest.raises(ValueError, match="need a finite training length"):
+        adamw_with_schedule(params, lr=0.1, weight_decay=0.0, warmup_fraction=0.0, schedule="poly",
+                            total_steps=float("inf"))
+    constant = adamw_with_schedule(params, lr=0.1, weight_decay=0.0, warmup_fraction=0.0, schedule="constant",
+                                   total_steps=float("inf"))
+    assert constant["optimizer"].param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------------------ EvaluationTables
+NET_2D = {"class_path": "UNet", "init_args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 3,
+                                              "channels": [4, 8], "strides": [2], "num_res_units": 0}}
+
+
+def _eval_batches(n: int = 3) -> DataLoader:
+    """Whole-volume batches as the data module gives them (batch size 1, one case each)."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "image": torch.randn(1, 1, 16, 16, generator=generator),
+            "raters": torch.randint(0, 3, (1, 2, 16, 16), generator=generator),
+            "case_id": [f"case{i}"],
+        }
+        for i in reversed(range(n))
+    ]
+    return DataLoader(batches, batch_size=None)
+
+
+def _trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="run"), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs,
+    )
+
+
+def test_evaluation_tables_write_the_per_case_and_reliability_csvs_of_validate_and_test(tmp_path):
+    torch.manual_seed(0)
+    module = SegmentationModule(network=NET_2D, roi_size=[8, 8], class_names=["background", "organ", "lesion"])
+    batches = _eval_batches()
+    trainer = _trainer(tmp_path, [EvaluationTables()])
+    trainer.validate(module, dataloaders=batches)
+    folder = trainer.log_dir
+    per_case = pd.read_csv(f"{folder}/val_per_case.csv")
+    assert list(per_case["case_id"]) == ["case0", "case1", "case2"]  # one row per case, sorted
+    for column in ("n_voxels", "dice", "iou", "absent_fp_voxels", "soft_dice", "thresholded_dice", "ece",
+                   "ece_classwise", "brier", "nll", "ece_majority", "brier_majority", "nll_majority", "dice/organ",
+                   "soft_dice/lesion"):
+        assert column in per_case.columns, column
+    # the same values as the module's metric objects, which hold the evaluation until the next one begins
+    majority = module.evaluation_metrics("val")["majority"].per_case().set_index("case_id")
+    mean = module.evaluation_metrics("val")["mean"].per_case().set_index("case_id")
+    pd.testing.assert_series_equal(per_case.set_index("case_id")["dice"], majority["dice"], check_names=False)
+    pd.testing.assert_series_equal(per_case.set_index("case_id")["ece_majority"], majority["ece"], check_names=False)
+    pd.testing.assert_series_equal(per_case.set_index("case_id")["ece"], mean["ece"], check_names=False)
+    reliability = pd.read_csv(f"{folder}/val_reliability.csv")
+    pd.testing.assert_frame_equal(reliability, module.evaluation_metrics("val")["mean"].reliability(),
+                                  check_dtype=False)
+    assert per_case["dice"].mean() == pytest.approx(float(trainer.callback_metrics["val/dice"]), rel=1e-5)
+    trainer.test(module, dataloaders=_eval_batches(2))
+    test_cases = pd.read_csv(f"{folder}/test_per_case.csv")
+    assert list(test_cases["case_id"]) == ["case0", "case1"]
+    assert (tmp_path / "run" / "version_0" / "test_reliability.csv").is_file()
+
+
+def test_evaluation_tables_skip_the_sanity_check_and_without_the_callback_nothing_is_written(tmp_path):
+    torch.manual_seed(0)
+    module = SegmentationModule(network=NET_2D, roi_size=[8, 8])
+    seen_after_sanity = []
+
+    class Probe(pl.Callback):
+        def on_sanity_check_end(self, trainer, pl_module):
+            seen_after_sanity.append(sorted(p.name for p in tmp_path.rglob("*.csv")))
+
+    train = DataLoader([{"image": torch.randn(2, 1, 8, 8), "label": torch.softmax(torch.randn(2, 3, 8, 8), 1)}],
+                       batch_size=None)
+    trainer = _trainer(tmp_path / "with", [EvaluationTables(), Probe()], max_epochs=1, num_sanity_val_steps=1)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=_eval_batches(2))
+    assert seen_after_sanity == [[]]
+    assert len(pd.read_csv(f"{trainer.log_dir}/val_per_case.csv")) == 2  # the real validation: both cases
+    plain = _trainer(tmp_path / "without", [])
+    plain.validate(module, dataloaders=_eval_batches(2))
+    assert not list((tmp_path / "without").rglob("*_per_case.csv"))  # the module itself writes no file
+    other = _trainer(tmp_path / "other", [EvaluationTables()])
+    with pytest.raises(ValueError, match="EvaluationTables needs a model with evaluation_metrics"):
+        other.validate(_OtherModule(), dataloaders=DataLoader([torch.zeros(1)]))
+
+
+class _OtherModule(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+
+    def validation_step(self, batch, batch_idx):
+        return None

@@ -130,7 +130,7 @@ def test_other_settings_in_the_same_folder_are_an_error(phantoms, tmp_path, caps
     ("args", "message"),
     [
         (["--method", "median"], "invalid choice: 'median'"),
-        (["--method", "mean", "--seed", "-1"], "seed must be a non-negative integer"),
+        (["--method", "mean", "--seed", "-1"], "seed must be a finite integer >= 0"),
     ],
 )
 def test_bad_arguments_are_clear_errors(phantoms, tmp_path, capsys, args, message):

@@ -8,8 +8,11 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats
 
+from medjdt.metrics import CalibrationMetrics
+from medjdt.metrics.calibration import calibration_error_from_sums
 from medjdt.reporting.statistics import (
     arm_summary,
     bootstrap_ci,
@@ -233,6 +236,41 @@ def test_pool_reliability_weights_by_counts():
     assert expected_calibration_error_from_bins(s) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="arms"):
         expected_calibration_error_from_bins(pooled)
+
+
+def _random_bins(rng: np.random.Generator, n_bins: int = 15) -> pd.DataFrame:
+    """Reliability bins with some empty ones, whose means are NaN (as the metrics write them)."""
+    count = rng.integers(0, 50, n_bins).astype(float)
+    count[[2, 7]] = 0
+    confidence = np.where(count > 0, rng.uniform(0, 1, n_bins), np.nan)
+    accuracy = np.where(count > 0, rng.uniform(0, 1, n_bins), np.nan)
+    edges = np.linspace(0, 1, n_bins + 1)
+    frame = {"bin_lower": edges[:-1], "bin_upper": edges[1:], "count": count, "confidence": confidence}
+    return pd.DataFrame({**frame, "accuracy": accuracy})
+
+
+def test_ece_of_bins_is_the_metrics_ece_and_the_textbook_sum():
+    for seed in range(5):
+        bins = _random_bins(np.random.default_rng(seed))
+        n, conf, acc = (bins[c].to_numpy() for c in ("count", "confidence", "accuracy"))
+        filled = n > 0
+        textbook = np.sum(n[filled] / n.sum() * np.abs(acc[filled] - conf[filled]))  # sum_b n_b/N |acc_b - conf_b|
+        core = calibration_error_from_sums(np.stack([n, np.where(filled, n * conf, 0), np.where(filled, n * acc, 0)]))
+        adapter = expected_calibration_error_from_bins(bins)
+        assert adapter == pytest.approx(textbook, rel=1e-12) and core.item() == pytest.approx(textbook, rel=1e-12)
+    empty = _random_bins(np.random.default_rng(0)).assign(count=0.0)
+    assert np.isnan(expected_calibration_error_from_bins(empty))
+
+
+def test_ece_of_a_metrics_reliability_table_is_its_pooled_ece():
+    """The bins a run writes (CalibrationMetrics.reliability) give back the run's pooled ECE."""
+    generator = torch.Generator().manual_seed(0)
+    probs = (2 * torch.randn(2, 3, 8, 8, 4, generator=generator)).softmax(1)
+    labels = torch.randint(0, 3, (2, 8, 8, 4), generator=generator)
+    metric = CalibrationMetrics(3)
+    metric.update(probs, labels, ["a", "b"])
+    pooled = metric.compute()["ece_D"].item()
+    assert expected_calibration_error_from_bins(metric.reliability()) == pytest.approx(pooled, rel=1e-9)
 
 
 # --- figures -------------------------------------------------------------------------------------------------

@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medjdt.data import PreprocessedCases, PreprocessSettings, make_phantom_dataset, read_manifest, write_manifest
+from medjdt.data import (
+    PreprocessedCases,
+    PreprocessSettings,
+    ensure_demo_data,
+    make_phantom_dataset,
+    read_manifest,
+    write_manifest,
+)
 from medjdt.data.datamodule import SegmentationDataModule, UnlabelledCases
 from medjdt.data.manifest import hide_annotations, metadata_path, write_partly_labelled
 from medjdt.data.transforms import unlabelled_transform
@@ -131,7 +138,7 @@ def test_hide_annotations_keeps_the_fraction_and_the_kept_folds(tmp_path_factory
 def test_hide_annotations_argument_checks(phantoms):
     m = read_manifest(phantoms)
     for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match=r"labelled_fraction must be in \(0, 1\]"):
+        with pytest.raises(ValueError, match=r"labelled_fraction must be a finite number in \(0, 1\]"):
             hide_annotations(m, bad)
 
 
@@ -269,6 +276,7 @@ def test_unlabelled_ratio_checks(phantoms, semi_manifest, tmp_path):
 def test_demo_with_labelled_fraction_derives_a_partly_labelled_manifest(tmp_path):
     demo = {"cases": 6, "raters": 2, "shape": [16, 16, 16], "seed": 0, "labelled_fraction": 0.25}
     manifest = tmp_path / "demo" / "labelled.csv"
+    ensure_demo_data(manifest, demo, num_folds=3, fold=1)
     dm = SegmentationDataModule(manifest=str(manifest), demo=demo, num_folds=3, patch_size=[8, 8, 8],
                                 num_workers=0, fold=1)
     full = read_manifest(tmp_path / "demo" / "manifest.csv")
@@ -279,4 +287,4 @@ def test_demo_with_labelled_fraction_derives_a_partly_labelled_manifest(tmp_path
     with pytest.raises(ValueError, match="so validation fold 0 is partly unlabelled"):
         SegmentationDataModule(manifest=str(manifest), demo=demo, num_folds=3, fold=0)  # derived for fold 1
     with pytest.raises(ValueError, match="must not be named manifest.csv"):
-        SegmentationDataModule(manifest=str(tmp_path / "other" / "manifest.csv"), demo=demo, num_folds=3)
+        ensure_demo_data(tmp_path / "other" / "manifest.csv", demo, num_folds=3, fold=0)

@@ -73,7 +73,7 @@ def test_temperature_one_leaves_predictions_unchanged_and_any_temperature_keeps_
     module.temperature = 0.3
     sharp = module.infer(image)
     assert torch.equal(sharp.argmax(1), plain.argmax(1)) and sharp.max(1).values.mean() > plain.max(1).values.mean()
-    with pytest.raises(ValueError, match="positive number"):
+    with pytest.raises(ValueError, match="model.temperature must be a finite number > 0, got -1.0"):
         SegmentationModule(network=net, roi_size=[16, 16], temperature=-1.0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ import yaml
 
 from medjdt.cli import main
 from medjdt.data import make_phantom_dataset, read_manifest
-from medjdt.losses import DiceSemimetricLoss, SegmentationLoss, SoftTargetCrossEntropy
-from medjdt.models import SegmentationModule
+from medjdt.losses import DiceSemimetricLoss, SegmentationLoss
+from medjdt.models import SegmentationModule, build_network
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -25,6 +26,7 @@ TINY_NET = (
     '{"class_path": "UNet", "init_args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, '
     '"channels": [4, 8], "strides": [2], "num_res_units": 0}}'
 )
+NET_3D = json.loads(TINY_NET)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +204,17 @@ def test_bf16_mixed_precision_fit(phantoms, tmp_path):
     assert np.isfinite(metrics["val/dice"].dropna()).all()
 
 
+def test_a_config_without_the_evaluation_tables_callback_still_writes_the_per_case_tables(phantoms, tmp_path):
+    run_dir = tmp_path / "runs"
+    assert main(_fit_args(phantoms, run_dir, "--trainer.callbacks", "[]", "--trainer.limit_train_batches", "1")) == 0
+    version = _version_dir(run_dir)
+    manifest = read_manifest(phantoms)
+    val_cases = sorted(manifest.frame.loc[manifest.frame["fold"] == 0, "case_id"].unique())
+    assert sorted(pd.read_csv(version / "val_per_case.csv")["case_id"]) == val_cases
+    assert (version / "val_reliability.csv").is_file()
+    assert "EvaluationTables" not in (version / "config.yaml").read_text()  # added by the command line
+
+
 def test_distillation_from_a_teacher_checkpoint_through_the_cli(phantoms, tmp_path):
     teacher_dir = tmp_path / "teacher"
     bigger = TINY_NET.replace('"channels": [4, 8]', '"channels": [8, 16]')
@@ -217,25 +230,106 @@ def test_distillation_from_a_teacher_checkpoint_through_the_cli(phantoms, tmp_pa
     assert not any(k.startswith("_teacher") for k in student_ckpt["state_dict"])
 
 
-def test_teacher_loss_matches_the_formula():
+NET_2D = {"class_path": "UNet", "init_args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 3,
+                                              "channels": [4, 8], "strides": [2]}}
+
+
+def _teacher_checkpoint(path: Path, network: torch.nn.Module, spec: dict = NET_2D) -> Path:
+    """A checkpoint holding what load_teacher reads: the network spec and the ``network.*`` weights."""
+    state = {f"network.{k}": v for k, v in network.state_dict().items()}
+    torch.save({"hyper_parameters": {"network": spec}, "state_dict": state}, path)
+    return path
+
+
+def _student(teacher_ckpt: Path, temperature: float, weights: torch.nn.Module) -> SegmentationModule:
+    teacher = {"checkpoint": str(teacher_ckpt), "temperature": temperature, "label_weight": 0.5, "teacher_weight": 0.5}
+    module = SegmentationModule(network=NET_2D, roi_size=[8, 8], teacher=teacher)
+    module.network.load_state_dict(weights.state_dict())
+    return module
+
+
+def test_teacher_loss_matches_the_formula(tmp_path):
     torch.manual_seed(0)
-    net = {"class_path": "UNet", "init_args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 3,
-                                               "channels": [4, 8], "strides": [2]}}
-    teacher = SegmentationModule(network=net, roi_size=[8, 8])
-    module = SegmentationModule(network=net, roi_size=[8, 8])
-    module.teacher_spec = type("Spec", (), {"temperature": 2.0})()
-    module._teacher = (teacher.network.eval(),)
-    module._kd_ce = SoftTargetCrossEntropy()
+    teacher = SegmentationModule(network=NET_2D, roi_size=[8, 8]).network.eval()
+    module = _student(_teacher_checkpoint(tmp_path / "t.ckpt", teacher), 2.0, build_network(NET_2D))
     image = torch.randn(2, 1, 8, 8)
     logits = torch.randn(2, 3, 8, 8)
     total, parts = module._teacher_loss(logits, image)
     with torch.no_grad():
-        p_t = torch.softmax(teacher.network(image) / 2.0, dim=1)
+        p_t = torch.softmax(teacher(image) / 2.0, dim=1)
     log_q = torch.log_softmax(logits / 2.0, dim=1)
     kl = (p_t * (torch.log(p_t) - log_q)).sum(1).mean()
     torch.testing.assert_close(parts["kd_kl"], kl, rtol=1e-4, atol=1e-6)
     jdt = DiceSemimetricLoss()(logits / 2.0, p_t)
     torch.testing.assert_close(total, 4.0 * kl + jdt, rtol=1e-4, atol=1e-6)
+
+
+def test_distillation_term_uses_the_teacher_zero_at_its_weights_and_following_the_temperature(tmp_path):
+    torch.manual_seed(0)
+    teacher = build_network(NET_2D).eval()
+    other = build_network(NET_2D)  # other random weights
+    ckpt = _teacher_checkpoint(tmp_path / "teacher.ckpt", teacher)
+    batch = {"image": torch.randn(2, 1, 8, 8), "label": torch.softmax(3 * torch.randn(2, 3, 8, 8), 1)}
+
+    def losses(temperature: float, weights: torch.nn.Module) -> tuple[float, float, dict]:
+        module = _student(ckpt, temperature, weights).eval()
+        with torch.no_grad():
+            total, parts = module._labelled_loss(batch)
+            supervised, _ = module.loss(module.network(batch["image"]), batch["label"])
+        return float(total), float(supervised), parts
+
+    for t in (1.0, 4.0):  # a student with the teacher's weights: the teacher term adds nothing
+        total, supervised, parts = losses(t, teacher)
+        assert abs(float(parts["kd_kl"])) < 1e-6 and abs(float(parts["kd_jdt"])) < 1e-6
+        assert total == pytest.approx(0.5 * supervised, abs=1e-6)
+    kd = {}
+    for t in (1.0, 4.0):  # another student: a positive teacher term, which changes with the temperature
+        total, supervised, parts = losses(t, other)
+        assert float(parts["kd_kl"]) > 1e-4 and float(parts["kd_jdt"]) > 1e-4
+        kd[t] = (total - 0.5 * supervised) / 0.5
+        assert kd[t] == pytest.approx(t**2 * float(parts["kd_kl"]) + float(parts["kd_jdt"]), rel=1e-5)
+    assert abs(kd[4.0] - kd[1.0]) > 1e-3 * kd[1.0]
+
+
+def test_bf16_mixed_precision_runs_the_network_in_bfloat16_with_the_float32_loss():
+    """Lightning's ``bf16-mixed`` (torch.autocast on the CPU here, as on a GPU): the logits of the training step
+    are bfloat16, the loss is computed in float32 from them and matches the float32 loss of the same weights and
+    batch to within bfloat16 rounding."""
+    import copy
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    module = SegmentationModule(network=NET_3D, roi_size=[16, 16, 16])
+    image = torch.randn(2, 1, 16, 16, 16)
+    label = torch.softmax(3 * torch.randn(2, 3, 16, 16, 16), 1)
+    float32_module = copy.deepcopy(module)  # the weights the bf16 step starts from
+    logits_dtypes: list[torch.dtype] = []
+    module.network.register_forward_hook(lambda net, inputs, output: logits_dtypes.append(output.dtype))
+    step_losses: list[torch.Tensor] = []
+
+    class StepLoss(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step_losses.append(outputs["loss"].detach())
+
+    trainer = pl.Trainer(
+        precision="bf16-mixed", accelerator="cpu", devices=1, max_steps=1, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[StepLoss()],
+    )
+    trainer.fit(module, DataLoader([{"image": image[i], "label": label[i]} for i in range(2)], batch_size=2))
+    assert logits_dtypes == [torch.bfloat16]
+    (bf16_loss,) = step_losses
+    assert bf16_loss.dtype == torch.float32
+    with torch.no_grad():
+        float32_loss, _ = float32_module._labelled_loss({"image": image, "label": label})
+    # bfloat16 keeps 8 significant bits: one rounding is off by up to 2**-8 ~ 0.4% relative. Each logit is off by
+    # a few such roundings (inputs and weights of the convolutions are rounded; they accumulate in float32), but
+    # independently per voxel, and the loss sums over 2 x 16**3 voxels in float32, which averages the errors down:
+    # measured 3e-6 here (at most 1.4e-4 over other seeds and larger weights). rtol 1e-3, a quarter of one bf16
+    # rounding, keeps a margin of 7x over that and still fails a loss that is reduced in bfloat16 (off by up to
+    # 2**-8) or computed from anything but these logits.
+    torch.testing.assert_close(bf16_loss, float32_loss, rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,12 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from medjdt import __version__
-from medjdt.cli.arguments import did_you_mean, split_debug
+from medjdt.cli.arguments import split_debug
 from medjdt.cli.check import COMMANDS as CHECK_COMMANDS
 from medjdt.cli.errors import report
 from medjdt.data.commands import COMMANDS as DATA_COMMANDS
 from medjdt.reporting.commands import COMMANDS as REPORTING_COMMANDS
+from medjdt.validation import did_you_mean
 
 __all__ = ["COMMANDS", "TRAINING_COMMANDS", "main"]
 

@@ -3,10 +3,11 @@ words, config files, and "did you mean" suggestions. Standard library only."""
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from medjdt.validation import did_you_mean
 
 # Options whose value is a list of numbers; ``--data.patch_size 96 96 96`` (the form of ``demo-data --shape``) is
 # accepted as ``--data.patch_size [96, 96, 96]``.
@@ -96,9 +97,3 @@ def join_list_values(argv: Sequence[str], options: Iterable[str] = LIST_OPTIONS)
             else:
                 out.extend(numbers)
     return out
-
-
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """`` (did you mean X?)`` for the closest of ``choices``, or an empty string."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""

@@ -93,15 +93,17 @@ def resolve_temperature(checkpoint: str | os.PathLike, say: Callable[[str], None
     module = SemiSupervisedModule.load_from_checkpoint(checkpoint, map_location=device)
     module.temperature = None
     logits, target, n_cases = collect_validation_logits(
-        module, datamodule.val_dataloader(), fusion=datamodule.fusion, num_classes=datamodule.num_classes,
+        module,
+        datamodule.val_dataloader(),
+        fusion=datamodule.fusion,
+        num_classes=datamodule.num_classes,
         seed=int(data.get("seed") or 0),
     )
     fit = fit_temperature(logits, target, n_cases=n_cases)
     cases = [record.case_id for record in datamodule.datasets["val"].data]
     payload = {
         **fit.as_dict(),
-        "fitted_on": {"manifest": str(manifest), "fold": datamodule.fold, "fusion": datamodule.fusion,
-                      "cases": cases},
+        "fitted_on": {"manifest": str(manifest), "fold": datamodule.fold, "fusion": datamodule.fusion, "cases": cases},
         "checkpoint": {"path": str(checkpoint.absolute()), "sha256": digest},
     }
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")

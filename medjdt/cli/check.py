@@ -19,7 +19,9 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "Example: medjdt check --config configs/kits.yaml --data.manifest data_manifests/kits23.csv"
     parser.add_argument("--config", required=True, action="append", help="LightningCLI config (as for medjdt fit)")
     parser.add_argument(
-        "--stage", choices=("fit", "validate", "test", "predict"), default="fit",
+        "--stage",
+        choices=("fit", "validate", "test", "predict"),
+        default="fit",
         help="the command whose checks run (default fit)",
     )
     # every other option goes to the training command as it is (see medjdt fit --help)

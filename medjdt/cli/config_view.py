@@ -17,10 +17,18 @@ import yaml
 from medjdt._paths import writable_folder
 from medjdt.runs import manifest_digest
 from medjdt.runs.record import canonical, file_digest
+from medjdt.validation import check_number
 
 # The data and model settings that define what a run trains (``--ckpt_path last`` resumes only equal ones).
 DATA_IDENTITY = (
-    "fold", "fusion", "label_smoothing", "smoothing_mode", "patch_size", "spacing", "orientation", "intensity",
+    "fold",
+    "fusion",
+    "label_smoothing",
+    "smoothing_mode",
+    "patch_size",
+    "spacing",
+    "orientation",
+    "intensity",
     "window",
 )
 MODEL_IDENTITY = ("network", "jdt", "ce_weight", "jdt_weight", "teacher", "semi")
@@ -38,6 +46,7 @@ __all__ = [
     "logger_specs",
     "normalise_data",
     "plain",
+    "point_loggers_at",
     "run_identity",
     "run_root",
 ]
@@ -107,9 +116,8 @@ def check_settings(cfg: Any, command: str) -> None:
     """
     trainer = cfg.trainer
     for key in ("max_epochs", "max_steps"):
-        value = getattr(trainer, key, None)
-        if value is not None and (not isinstance(value, int) or value < -1):
-            raise ValueError(f"trainer.{key} must be a whole number >= -1 (-1: no limit), got {value!r}")
+        if getattr(trainer, key, None) is not None:
+            setattr(trainer, key, check_number(f"trainer.{key}", getattr(trainer, key), low=-1, integer=True))
     if trainer.max_epochs == 0 and command == "fit":
         raise ValueError("trainer.max_epochs is 0: nothing would be trained")
     unlimited = trainer.max_epochs == -1 and trainer.max_steps in (None, -1)
@@ -121,9 +129,8 @@ def check_settings(cfg: Any, command: str) -> None:
             "use model.schedule constant with model.warmup_fraction 0"
         )
     for key in ("check_val_every_n_epoch", "log_every_n_steps"):
-        value = getattr(trainer, key, None)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"trainer.{key} must be a whole number >= 1, got {value!r}")
+        if getattr(trainer, key, None) is not None:
+            setattr(trainer, key, check_number(f"trainer.{key}", getattr(trainer, key), low=1, integer=True))
     if trainer.default_root_dir is not None:
         writable_folder(trainer.default_root_dir, "run root (trainer.default_root_dir)", create=False)
     if getattr(cfg, "run_dir", None) is not None:
@@ -154,8 +161,9 @@ def evaluation_inputs(cfg: Any, manifest: Path, checkpoint: Path | None) -> dict
     data, model = plain(cfg.data), plain(cfg.model)
     return canonical(
         {
-            "checkpoint": None if checkpoint is None else {
-                "path": str(checkpoint.absolute()), "sha256": file_digest(checkpoint)},
+            "checkpoint": None
+            if checkpoint is None
+            else {"path": str(checkpoint.absolute()), "sha256": file_digest(checkpoint)},
             "manifest": {"path": str(manifest), "sha256": manifest_digest(manifest)},
             "data": {key: data.get(key) for key in (*DATA_IDENTITY, "predict_on")},
             "inference": {key: model.get(key) for key in INFERENCE_SETTINGS},
@@ -193,3 +201,28 @@ def explicit_version(cfg: Any, config_names: Sequence[str]) -> Path | None:
             name = f"version_{version}" if isinstance(version, int) else str(version)
             return run_root(cfg, config_names) / name
     return None
+
+
+_LIGHTNING_CSV_LOGGERS = (
+    "pytorch_lightning.loggers.CSVLogger",
+    "pytorch_lightning.loggers.csv_logs.CSVLogger",
+    "lightning.pytorch.loggers.CSVLogger",
+)
+
+
+def point_loggers_at(cfg: Any, folder: Path) -> None:
+    """Point the configured file loggers (those with a ``save_dir``) at the run ``folder``, so that their
+    ``log_dir`` is the folder: CSV and TensorBoard share it, and an evaluation logs next to its checkpoint's run.
+    Lightning's CSV logger becomes :class:`medjdt.cli.loggers.RunCSVLogger`, the same logger except that it
+    continues a resumed run's ``metrics.csv`` instead of deleting it (and does not warn about the run's files)."""
+    if not logger_specs(cfg):
+        return
+    loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+    for logger in loggers:
+        if getattr(logger, "class_path", None) in _LIGHTNING_CSV_LOGGERS:
+            logger.class_path = "medjdt.cli.loggers.RunCSVLogger"
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and getattr(init_args, "save_dir", None):
+            init_args.save_dir = str(folder.parent)
+            init_args.name = ""
+            init_args.version = folder.name

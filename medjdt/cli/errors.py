@@ -18,8 +18,17 @@ EXIT_INPUT = 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
-__all__ = ["EXIT_INPUT", "EXIT_INTERNAL", "EXIT_OK", "EXIT_SIGINT", "EXIT_SIGTERM", "Stopped", "debug_wanted",
-           "one_line", "report"]
+__all__ = [
+    "EXIT_INPUT",
+    "EXIT_INTERNAL",
+    "EXIT_OK",
+    "EXIT_SIGINT",
+    "EXIT_SIGTERM",
+    "Stopped",
+    "debug_wanted",
+    "one_line",
+    "report",
+]
 
 
 class Stopped(Exception):

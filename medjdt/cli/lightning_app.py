@@ -2,7 +2,8 @@
 :class:`~medjdt.cli.session.RunSession`.
 
 Besides Lightning's own options this adds ``checkpoint.*`` (a ``ModelCheckpoint``: best by ``checkpoint.monitor``,
-default ``val/dice``), a :class:`~medjdt.models.LastCheckpoint` (``last.ckpt`` after every epoch),
+default ``val/dice``), a :class:`~medjdt.models.LastCheckpoint` (``last.ckpt`` after every epoch), an
+:class:`~medjdt.models.EvaluationTables` (per-case CSVs) when ``trainer.callbacks`` lacks one,
 ``prediction_writer.output_dir`` (NIfTI outputs of ``predict``), ``--run_dir`` (the run folder itself) and
 ``--allow_untrained`` (evaluate or predict without a checkpoint, on purpose). ``model.roi_size`` follows
 ``data.patch_size`` and ``model.class_names`` the manifest. The model class is
@@ -29,11 +30,11 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from medjdt.cli.arguments import did_you_mean
 from medjdt.cli.session import RunSession
 from medjdt.data import SegmentationDataModule
-from medjdt.models import LastCheckpoint, NiftiPredictionWriter, StopOnSignal
+from medjdt.models import EvaluationTables, LastCheckpoint, NiftiPredictionWriter, StopOnSignal
 from medjdt.models.semi import SemiSupervisedModule
+from medjdt.validation import did_you_mean
 
 __all__ = ["MedjdtCLI", "build_cli", "current_stop"]
 
@@ -76,8 +77,9 @@ def _init_arguments(class_path: str) -> list[str]:
 def _explain(err: ArgumentError, parser: Any) -> str:
     """A one-line account of a command-line or config error, with a suggestion for a mistyped key."""
     text = " ".join(str(err).split())
-    options = sorted({opt for action in getattr(parser, "_actions", []) for opt in action.option_strings
-                      if opt.startswith("--")})
+    options = sorted(
+        {opt for action in getattr(parser, "_actions", []) for opt in action.option_strings if opt.startswith("--")}
+    )
     unknown = re.search(r"unrecognized arguments: (--[\w.\-]+)", text)
     if unknown:
         name = unknown.group(1).split("=", 1)[0]
@@ -86,15 +88,19 @@ def _explain(err: ArgumentError, parser: Any) -> str:
     if nested:
         return f"{text}{did_you_mean(nested.group(2), _init_arguments(nested.group(1)))}"
     key = re.search(r"[Kk]ey ['\"]([\w.]+)['\"] is not expected", text) or re.search(
-        r"(?:No action for key|does not accept option) ['\"]([\w.]+)['\"]", text)
+        r"(?:No action for key|does not accept option) ['\"]([\w.]+)['\"]", text
+    )
     if key:
         name = "--" + key.group(1)
         return f"unknown config key {key.group(1)}{did_you_mean(name, options).replace('--', '')}"
     typed = re.search(r'Parser key "([\w.]+)": (.*)', text)
     if typed:
         name, problem = typed.groups()
-        hint = " (a list is written [a, b, c], or as separate numbers after the option)" if "Sequence" in problem \
-            or "list" in problem else ""
+        hint = (
+            " (a list is written [a, b, c], or as separate numbers after the option)"
+            if "Sequence" in problem or "list" in problem
+            else ""
+        )
         problem = re.sub(r"<class '([\w.]+)'>", r"\1", problem)
         return f"{name}: {problem}{hint}"
     return text
@@ -142,11 +148,15 @@ class MedjdtCLI(LightningCLI):
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(NiftiPredictionWriter, "prediction_writer")
         parser.add_argument(
-            "--run_dir", type=str | None, default=None,
+            "--run_dir",
+            type=str | None,
+            default=None,
             help="the run folder itself (created if needed), instead of a new <root>/version_N",
         )
         parser.add_argument(
-            "--allow_untrained", type=bool, default=False,
+            "--allow_untrained",
+            type=bool,
+            default=False,
             help="validate, test or predict without --ckpt_path, with the untrained network (on purpose)",
         )
         parser.link_arguments("data.patch_size", "model.roi_size")
@@ -171,6 +181,11 @@ class MedjdtCLI(LightningCLI):
             self.stop_on_signal = StopOnSignal()
             _STOP.append(self.stop_on_signal)
             callbacks = [*callbacks, self.stop_on_signal]
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if not any(isinstance(c, EvaluationTables) for c in [*configured, *callbacks]):
+            # like Lightning's default ModelCheckpoint: a config without it still gets the per-case CSVs
+            callbacks = [*callbacks, EvaluationTables()]
         return super()._instantiate_trainer(config, [*callbacks, Heartbeat(self.session)])
 
 

@@ -40,27 +40,28 @@ from medjdt.cli.config_view import (
     logger_specs,
     normalise_data,
     plain,
+    point_loggers_at,
     run_identity,
     run_root,
+)
+from medjdt.cli.resume import (
+    CheckpointPlan,
+    plan_evaluation_checkpoint,
+    plan_fit_checkpoint,
+    remove_orphan_checkpoints,
 )
 from medjdt.runs import (
     RunLock,
     claim_version,
-    describe_mismatch,
     environment,
     evaluation_folder,
-    find_resumable,
     manifest_digest,
     read_record,
     run_folder_of_checkpoint,
     write_record,
 )
 
-# Values of Lightning's ckpt_path that are not files.
-_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 RUN_DIR_ENV = "MEDJDT_RUN_DIR"
-_LIGHTNING_CSV_LOGGERS = ("pytorch_lightning.loggers.CSVLogger", "pytorch_lightning.loggers.csv_logs.CSVLogger",
-                          "lightning.pytorch.loggers.CSVLogger")
 
 __all__ = ["CheckPassed", "RunSession"]
 
@@ -92,17 +93,26 @@ class RunSession:
         self.created_root: Path | None = None
         self.lock: RunLock | None = None
         self.record: dict[str, Any] = {}
-        self.checkpoint: Path | None = None
-        self.checkpoint_info: dict[str, Any] = {}
-        self.resuming = False
-        # state key -> dirpath of the checkpoint callbacks that wrote the evaluated checkpoint
-        self.checkpoint_dirs: dict[str, str] = {}
-        # checkpoints the state of the resumed checkpoint's callbacks refers to (best, top-k, last)
-        self.kept_checkpoints: set[str] = set()
+        self.ckpt: CheckpointPlan | None = None
         self.user_loggers = False
         self.manifest_path: Path | None = None
         self.started = time.monotonic()
         self.prepared_cases = 0
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The checkpoint the command resumes or evaluates, or None."""
+        return self.ckpt.path if self.ckpt is not None else None
+
+    @property
+    def resuming(self) -> bool:
+        """A fit that continues in its checkpoint's own run folder."""
+        return self.ckpt is not None and self.ckpt.run is not None
+
+    @property
+    def checkpoint_dirs(self) -> dict[str, str]:
+        """State key -> dirpath of the checkpoint callbacks that wrote the evaluated checkpoint."""
+        return self.ckpt.callback_dirs if self.ckpt is not None else {}
 
     # ------------------------------------------------------------------ plan
     def plan(self, cfg: Any) -> None:
@@ -119,7 +129,7 @@ class RunSession:
             self._claim(cfg)
 
     def _manifest(self, cfg: Any) -> None:
-        from medjdt.data.datamodule import ensure_demo_data
+        from medjdt.data.demo import ensure_demo_data
         from medjdt.data.manifest import read_manifest
 
         data = cfg.data
@@ -140,42 +150,17 @@ class RunSession:
                 "--model.temperature auto applies to validate, test and predict of a trained checkpoint, not to fit"
             )
         self.identity_value = run_identity(cfg, self.manifest_path)
-        ckpt = cfg.ckpt_path
-        if ckpt is None:
+        if cfg.ckpt_path is None:
             return
-        if ckpt == "last":
-            if cfg.run_dir is not None:
-                candidates = [Path(cfg.run_dir)]
-                root = Path(cfg.run_dir)
-            else:
-                root = run_root(cfg, self.config_names)
-                candidates = [p for p in root.glob("version_*") if p.is_dir()] if root.is_dir() else []
-            ckpt = str(find_resumable(candidates, self.identity_value, root))
-            cfg.ckpt_path = ckpt
-        elif ckpt in _CKPT_KEYWORDS:
-            raise ValueError(f"--ckpt_path {ckpt}: medjdt fit resumes from 'last' or from a checkpoint file")
-        from medjdt.models.checkpoints import read_checkpoint
-
-        info = read_checkpoint(ckpt, training_state=True)
-        self.checkpoint = Path(ckpt)
-        self.checkpoint_info = {"epoch": info.get("epoch"), "global_step": info.get("global_step")}
-        self.kept_checkpoints = {
-            str(path)
-            for state in (info.get("callbacks") or {}).values() if isinstance(state, dict)
-            for path in (state.get("best_model_path"), state.get("kth_best_model_path"), state.get("last_model_path"),
-                         *(state.get("best_k_models") or {}))
-            if path
-        }
-        run = run_folder_of_checkpoint(ckpt)
-        if run is not None:
-            why = describe_mismatch(read_record(run).get("identity"), self.identity_value)
-            if why is not None:
-                raise ValueError(
-                    f"checkpoint {ckpt} belongs to run {run}, made with other settings ({why}); resume it with the "
-                    "settings it was trained with, or start a new run without --ckpt_path"
-                )
-            self.resuming = True
-            self.folder = run
+        if cfg.run_dir is not None:
+            root = Path(cfg.run_dir)
+            candidates = [root]
+        else:
+            root = run_root(cfg, self.config_names)
+            candidates = [p for p in root.glob("version_*") if p.is_dir()] if root.is_dir() else []
+        self.ckpt = plan_fit_checkpoint(cfg.ckpt_path, self.identity_value, candidates, root)
+        cfg.ckpt_path = str(self.ckpt.path)
+        self.folder = self.ckpt.run
 
     def _plan_evaluation(self, cfg: Any) -> None:
         ckpt = cfg.ckpt_path
@@ -189,19 +174,9 @@ class RunSession:
                     "untrained network on purpose"
                 )
             return
-        if ckpt in _CKPT_KEYWORDS:
-            raise ValueError(f"--ckpt_path {ckpt}: medjdt {self.command} needs the path of a checkpoint file")
-        from medjdt.models.checkpoints import read_checkpoint
-
-        info = read_checkpoint(ckpt)
-        self.checkpoint = Path(ckpt)
-        self.checkpoint_info = {"epoch": info.get("epoch"), "global_step": info.get("global_step")}
+        self.ckpt = plan_evaluation_checkpoint(ckpt, self.command)
         if cfg.model.temperature == "auto":
             self._resolve_temperature(cfg)
-        states = info.get("callbacks") or {}
-        self.checkpoint_dirs = {
-            key: state.get("dirpath") for key, state in states.items() if isinstance(state, dict) and "dirpath" in state
-        }
 
     def _resolve_temperature(self, cfg: Any) -> None:
         """``--model.temperature auto``: the checkpoint's temperature, fitted on its run's validation fold."""
@@ -276,23 +251,9 @@ class RunSession:
             )
 
     def _configure_loggers(self, cfg: Any) -> None:
-        """Point configured file loggers (those with a ``save_dir``) at the run folder, so that their ``log_dir``
-        is the folder (CSV and TensorBoard share it, and an evaluation logs next to its checkpoint's run)."""
-        specs = logger_specs(cfg)
-        self.user_loggers = bool(specs) or cfg.trainer.logger is False
-        if not specs or self.folder is None:
-            return
-        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
-        for logger in loggers:
-            if getattr(logger, "class_path", None) in _LIGHTNING_CSV_LOGGERS:
-                # the same logger, except that it continues a resumed run's metrics.csv instead of deleting it (and
-                # does not warn about the run folder's own files)
-                logger.class_path = "medjdt.cli.loggers.RunCSVLogger"
-            init_args = getattr(logger, "init_args", None)
-            if init_args is not None and getattr(init_args, "save_dir", None):
-                init_args.save_dir = str(self.folder.parent)
-                init_args.name = ""
-                init_args.version = self.folder.name
+        self.user_loggers = bool(logger_specs(cfg)) or cfg.trainer.logger is False
+        if self.folder is not None:
+            point_loggers_at(cfg, self.folder)
 
     def _session_entry(self) -> dict[str, Any]:
         return {
@@ -342,28 +303,16 @@ class RunSession:
             datamodule.prepare(self.command)
         if self.check_only:
             raise CheckPassed(self._check_summary(datamodule))
-        if self.command == "fit" and self.checkpoint is not None:
-            info = self.checkpoint_info
+        if self.command == "fit" and self.ckpt is not None:
             where = f"in its run folder {self.folder}" if self.resuming else f"in a new run folder {self.folder}"
-            self.say(f"medjdt fit: resuming {self.checkpoint} (epoch {info.get('epoch')}, step "
-                     f"{info.get('global_step')}) {where}")
-        if self.command == "fit" and self.resuming and self.checkpoint_info.get("global_step") is not None:
+            self.say(
+                f"medjdt fit: resuming {self.ckpt.path} (epoch {self.ckpt.epoch}, step {self.ckpt.global_step}) {where}"
+            )
+        if self.command == "fit" and self.resuming and self.ckpt.global_step is not None:
             from medjdt.cli.loggers import truncate_metrics
 
-            truncate_metrics(self.folder, int(self.checkpoint_info["global_step"]))
-            self._remove_orphan_checkpoints()
-
-    def _remove_orphan_checkpoints(self) -> None:
-        """Delete the checkpoints a killed run wrote after the one this run resumes from and that the resumed
-        state does not know (a best checkpoint of an epoch that will be trained again): they would stay as a
-        second "best" beside the real one."""
-        folder = self.folder / "checkpoints"
-        resumed = self.checkpoint.stat().st_mtime_ns
-        kept = {os.path.realpath(p) for p in self.kept_checkpoints} | {os.path.realpath(self.checkpoint)}
-        for path in sorted(folder.glob("*.ckpt")):
-            if os.path.realpath(path) not in kept and path.stat().st_mtime_ns > resumed:
-                path.unlink()
-                self.say(f"medjdt fit: removed {path}, written after {self.checkpoint.name} by the interrupted run")
+            truncate_metrics(self.folder, int(self.ckpt.global_step))
+            remove_orphan_checkpoints(self.folder, self.ckpt, self.say)
 
     def trainer_overrides(self) -> dict[str, Any]:
         """Trainer arguments of the session: the run folder's loggers (unless loggers are configured)."""

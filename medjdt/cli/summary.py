@@ -24,6 +24,7 @@ def _shown(path: str | Path | None) -> str:
     except ValueError:
         return str(path)
 
+
 _STAGE_PREFIX = {"fit": "val", "validate": "val", "test": "test"}
 
 
@@ -48,7 +49,8 @@ def _table(metrics: dict[str, Any], prefix: str, class_names: list[str]) -> list
         soft = _value(metrics, f"{prefix}/soft_dice/{name}")
         lines.append(f"    {name:<{width}} {fmt(dice)}    {fmt(soft)}")
     calibration = "  ".join(
-        f"{key} {value:.4f}" for key in ("ece", "brier", "nll")
+        f"{key} {value:.4f}"
+        for key in ("ece", "brier", "nll")
         if (value := _value(metrics, f"{prefix}/{key}")) is not None
     )
     mean_dice, mean_soft = _value(metrics, f"{prefix}/dice"), _value(metrics, f"{prefix}/soft_dice")
@@ -121,8 +123,18 @@ def summarise(cli: Any, session: RunSession) -> dict[str, Any]:
         fields["cases"] = cases
         lines.append(f"  predictions      {len(cases)} case(s) in {_shown(directory)} (*_probs.nii.gz, *_label.nii.gz)")
         manifest = str(session.manifest_path)
-        evaluate = shlex.join(["medjdt", "evaluate", "--manifest", manifest, "--predictions", str(directory),
-                               "--out", str(Path(folder) / "evaluation.csv")])
+        evaluate = shlex.join(
+            [
+                "medjdt",
+                "evaluate",
+                "--manifest",
+                manifest,
+                "--predictions",
+                str(directory),
+                "--out",
+                str(Path(folder) / "evaluation.csv"),
+            ]
+        )
         lines.append(f"  evaluate with    {evaluate}")
     for line in lines:
         session.say(line)

@@ -19,6 +19,7 @@ _EXPORTS = {
     "CASE_FUSION_METHODS": "medjdt.data.case_fusion",
     "CaseFusedTargets": "medjdt.data.case_fusion",
     "SegmentationDataModule": "medjdt.data.datamodule",
+    "ensure_demo_data": "medjdt.data.demo",
     "AFFINE_ATOL_MM": "medjdt.data.io",
     "LabelMapReader": "medjdt.data.io",
     "load_case": "medjdt.data.io",

@@ -40,14 +40,15 @@ def _host() -> str:
     return socket.gethostname().split(".")[0].replace("-", "_") or "host"
 
 
-def _process_gone(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:
         return False
-    return False
+    except PermissionError:
+        return True
+    return True
 
 
 def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
@@ -67,7 +68,7 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         except OSError:
             continue
         mine = match["host"] == host
-        if (mine and int(match["pid"]) != os.getpid() and _process_gone(int(match["pid"]))) or age > _STALE_AGE_S:
+        if (mine and int(match["pid"]) != os.getpid() and not process_alive(int(match["pid"]))) or age > _STALE_AGE_S:
             try:
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))

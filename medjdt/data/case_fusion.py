@@ -23,6 +23,7 @@ from medjdt.data.cache import CaseCache, PreprocessedCases
 from medjdt.data.manifest import CaseRecord
 from medjdt.labels import fuse
 from medjdt.labels.staple import MAX_ITERATIONS
+from medjdt.validation import check_choice
 
 CASE_FUSION_METHODS = ("staple", "weighted")
 TARGET_SCHEMA: dict[str, type] = {"label": torch.Tensor, "case_id": str, "checksums": dict}
@@ -48,8 +49,7 @@ class CaseFusedTargets:
     """
 
     def __init__(self, cases: PreprocessedCases, method: str = "staple", cache_dir: str | os.PathLike | None = None):
-        if method not in CASE_FUSION_METHODS:
-            raise ValueError(f"whole-case fusion supports {CASE_FUSION_METHODS}, got {method!r}")
+        check_choice("method", method, CASE_FUSION_METHODS, where="whole-case fusion")
         self.cases = cases
         self.method = method
         # target_format: bump when the fusion code changes what it returns for the same raters.

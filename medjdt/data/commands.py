@@ -11,6 +11,7 @@ import json
 
 from medjdt._paths import existing_folder, writable_file, writable_folder
 from medjdt.data.names import LAYOUTS
+from medjdt.validation import check_number
 
 MANIFEST_HELP = "scan a dataset in its published layout and write a manifest CSV (+ metadata JSON)"
 DEMO_DATA_HELP = "write a synthetic multi-rater CT phantom dataset and its manifest"
@@ -95,8 +96,8 @@ def run_demo_data(args: argparse.Namespace) -> int:
     writable_folder(args.out, "output folder (--out)", create=False)
     from medjdt.data.phantoms import make_phantom_dataset  # imports torch and MONAI: only when needed
 
-    if args.labelled_fraction is not None and not 0.0 < args.labelled_fraction <= 1.0:
-        raise ValueError(f"--labelled-fraction must be in (0, 1], got {args.labelled_fraction}")
+    if args.labelled_fraction is not None:
+        check_number("--labelled-fraction", args.labelled_fraction, low=0, high=1, low_inclusive=False)
     path = make_phantom_dataset(args.out, args.cases, args.raters, args.shape, args.dims, args.seed, args.folds)
     print(_summary(path))
     if args.labelled_fraction is not None:

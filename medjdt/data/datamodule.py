@@ -1,5 +1,7 @@
 """``SegmentationDataModule``: multi-rater NIfTI datasets from a manifest, for PyTorch Lightning.
 
+It reads a dataset (and caches its preprocessing), never writes one: see :mod:`medjdt.data.demo` for the phantoms.
+
 Manifests may hold unlabelled cases (see ``data_manifests/README.md``). With ``unlabelled_ratio > 0`` the
 training loader pairs every labelled batch with a batch of weak/strong views of unlabelled patches (for
 :class:`medjdt.models.semi.SemiSupervisedModule`); otherwise unlabelled cases are not trained on.
@@ -12,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from monai.data import DataLoader
@@ -24,14 +25,14 @@ from medjdt._paths import writable_folder
 from medjdt.data.cache import PreprocessedCases
 from medjdt.data.case_fusion import CASE_FUSION_METHODS, CaseFusedTargets
 from medjdt.data.datasets import CaseDataset, CaseLoader, EpochSampler, UnlabelledCases, worker_init
-from medjdt.data.manifest import CaseRecord, Manifest, read_manifest, write_partly_labelled
-from medjdt.data.phantoms import make_phantom_dataset
+from medjdt.data.manifest import CaseRecord, Manifest, read_manifest
 from medjdt.data.preflight import check_case_geometry, prepare_cases
 from medjdt.data.preprocess import PreprocessSettings
 from medjdt.data.transforms import eval_transform, train_transform, unlabelled_transform
 from medjdt.labels import FUSION_METHODS
+from medjdt.labels.smoothing import SMOOTHING_MODES
+from medjdt.validation import check_choice, check_number, check_probability
 
-SMOOTHING_MODES = ("uniform", "boundary")
 PREDICT_ON = ("val", "all")
 STAGES = ("fit", "validate", "test", "predict")
 
@@ -68,13 +69,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         augment: joint spatial and intensity augmentation of training patches.
         seed: seeds patch sampling, augmentation, random-rater fusion and shuffling: every training sample's
             random stream is a function of ``(seed, epoch, draw, case)``, the same for any ``num_workers``.
-        demo: when given and ``manifest`` does not exist, ``make_phantom_dataset(dirname(manifest), **demo)``
-            writes it first (``manifest`` must then be named ``manifest.csv``; ``folds`` defaults to
-            ``num_folds`` when given, else 5, and never exceeds the number of cases). With an extra key
-            ``labelled_fraction`` the phantoms' ``manifest.csv`` (written if missing) is copied to ``manifest``
-            (then not named ``manifest.csv``) by :func:`~medjdt.data.manifest.write_partly_labelled`: only that
-            fraction of the training cases (the folds other than ``fold``) keep their annotations, chosen with
-            the phantoms' ``demo.seed``.
+        demo: synthetic phantoms behind ``manifest`` (arguments of :func:`~medjdt.data.make_phantom_dataset`,
+            optionally ``labelled_fraction``). The data module only reads: the command line writes them before
+            building it when ``manifest`` does not exist (:func:`~medjdt.data.ensure_demo_data`, which see); from
+            Python call that function first.
         predict_on: cases for ``predict_dataloader``: the validation fold (``"val"``) or every case (``"all"``),
             unlabelled cases included.
         unlabelled_ratio: unlabelled volumes per labelled volume in each training step; 0 (default) trains on
@@ -125,24 +123,35 @@ class SegmentationDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         manifest_path = Path(manifest)
-        if demo is not None:
-            ensure_demo_data(manifest_path, dict(demo), num_folds=num_folds, fold=fold)
+        if demo is not None and not manifest_path.exists():
+            raise ValueError(
+                f"manifest {manifest_path} does not exist: the command line writes the data.demo phantoms there "
+                "before it builds the data module; from Python call medjdt.data.ensure_demo_data first"
+            )
         self.manifest: Manifest = read_manifest(manifest_path)
-        self.fold = fold
         self.num_folds = self.manifest.num_folds if num_folds is None else num_folds
-        self.fusion = fusion
-        self.label_smoothing = float(label_smoothing)
-        self.smoothing_mode = smoothing_mode
-        self.patch_size = tuple(int(p) for p in patch_size)
-        self.samples_per_volume = samples_per_volume
-        self.foreground_ratio = float(foreground_ratio)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.fold = self._check_folds(fold)
+        self.fusion = check_choice("data.fusion", fusion, FUSION_METHODS)
+        self.label_smoothing = check_number(
+            "data.label_smoothing", label_smoothing, low=0, high=1, high_inclusive=False
+        )
+        self.smoothing_mode = check_choice("data.smoothing_mode", smoothing_mode, SMOOTHING_MODES)
+        self.patch_size = tuple(check_number("data.patch_size", p, low=1, integer=True) for p in patch_size)
+        if len(self.patch_size) != self.spatial_dims:
+            raise ValueError(f"patch_size {list(self.patch_size)} must have {self.spatial_dims} positive entries")
+        self.samples_per_volume = check_number("data.samples_per_volume", samples_per_volume, low=1, integer=True)
+        self.foreground_ratio = check_probability("data.foreground_ratio", foreground_ratio)
+        self.batch_size = check_number("data.batch_size", batch_size, low=1, integer=True)
+        self.num_workers = check_number("data.num_workers", num_workers, low=0, integer=True)
         self.augment = augment
         self.seed = seed
-        self.predict_on = predict_on
-        self.unlabelled_ratio = float(unlabelled_ratio)
-        self._check_args()
+        self.predict_on = check_choice("data.predict_on", predict_on, PREDICT_ON)
+        self.unlabelled_ratio = check_number("data.unlabelled_ratio", unlabelled_ratio, low=0)
+        if self.unlabelled_ratio > 0 and self.unlabelled_batch_size == 0:
+            raise ValueError(
+                f"unlabelled_ratio {self.unlabelled_ratio} x batch_size {self.batch_size} rounds to 0 unlabelled "
+                "volumes per step; use a larger ratio (or 0 to train on labelled cases only)"
+            )
         self.settings = PreprocessSettings(
             orientation=orientation,
             spacing=None if spacing is None else tuple(spacing),
@@ -152,51 +161,27 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.settings.check_dims(self.spatial_dims)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.manifest.path)
         writable_folder(self.cache_dir, "cache folder (data.cache_dir)", create=False)
-        if not (np.isfinite(max_case_gb) and max_case_gb > 0):
-            raise ValueError(f"data.max_case_gb must be a positive number of GiB, got {max_case_gb}")
-        self.max_case_gb = float(max_case_gb)
+        self.max_case_gb = check_number("data.max_case_gb", max_case_gb, low=0, low_inclusive=False)
         self._prepared: set[str] = set()
         self.datasets: dict[str, CaseDataset] = {}
 
-    def _check_args(self) -> None:
+    def _check_folds(self, fold: int) -> int:
+        """``fold`` after checking it and ``num_folds`` against the manifest."""
         m = self.manifest
-        if self.num_folds < 1:
-            raise ValueError(f"num_folds must be >= 1, got {self.num_folds}")
+        check_number("data.num_folds", self.num_folds, low=1, integer=True)
         if m.num_folds != self.num_folds:
             raise ValueError(
                 f"data.num_folds={self.num_folds} disagrees with manifest {m.path}, which is split into "
                 f"{m.num_folds} folds; leave data.num_folds out to read it from the manifest"
             )
-        if not 0 <= self.fold < self.num_folds:
-            raise ValueError(f"fold index {self.fold} out of range 0..{self.num_folds - 1}")
+        fold = check_number("data.fold", fold, low=0, high=self.num_folds - 1, integer=True)
         kept = m.metadata.get("labelled_keep_folds") or []
-        if kept and self.fold not in kept:
+        if kept and fold not in kept:
             raise ValueError(
                 f"manifest {m.path} hides annotations outside folds {kept} (write_partly_labelled), so validation "
-                f"fold {self.fold} is partly unlabelled; derive a manifest that keeps fold {self.fold} labelled"
+                f"fold {fold} is partly unlabelled; derive a manifest that keeps fold {fold} labelled"
             )
-        if self.fusion not in FUSION_METHODS:
-            raise ValueError(f"fusion must be one of {list(FUSION_METHODS)}, got {self.fusion!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.smoothing_mode not in SMOOTHING_MODES:
-            raise ValueError(f"smoothing_mode must be one of {SMOOTHING_MODES}, got {self.smoothing_mode!r}")
-        if len(self.patch_size) != m.spatial_dims or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size {list(self.patch_size)} must have {m.spatial_dims} positive entries")
-        if not 0.0 <= self.foreground_ratio <= 1.0:
-            raise ValueError(f"foreground_ratio must be in [0, 1], got {self.foreground_ratio}")
-        for name, low in (("samples_per_volume", 1), ("batch_size", 1), ("num_workers", 0)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.predict_on not in PREDICT_ON:
-            raise ValueError(f"predict_on must be one of {PREDICT_ON}, got {self.predict_on!r}")
-        if not (np.isfinite(self.unlabelled_ratio) and self.unlabelled_ratio >= 0):
-            raise ValueError(f"unlabelled_ratio must be a finite number >= 0, got {self.unlabelled_ratio}")
-        if self.unlabelled_ratio > 0 and self.unlabelled_batch_size == 0:
-            raise ValueError(
-                f"unlabelled_ratio {self.unlabelled_ratio} x batch_size {self.batch_size} rounds to 0 unlabelled "
-                "volumes per step; use a larger ratio (or 0 to train on labelled cases only)"
-            )
+        return fold
 
     @property
     def unlabelled_batch_size(self) -> int:
@@ -248,8 +233,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         Raises:
             ValueError: an unknown stage, or a split without cases.
         """
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        check_choice("stage", stage, STAGES)
         splits: dict[str, list[CaseRecord]] = {}
         if stage == "fit":
             splits["train"] = self._records("train")
@@ -409,33 +393,6 @@ class SegmentationDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Whole volumes (image and case id only), batch size 1."""
         return self._dataloader("predict", 1)
-
-
-def ensure_demo_data(manifest: Path, demo: dict[str, Any], *, num_folds: int | None, fold: int) -> None:
-    """Write the phantoms behind ``manifest`` unless it exists (see the ``demo`` argument of
-    :class:`SegmentationDataModule`)."""
-    manifest = Path(manifest)
-    if manifest.exists():
-        return
-    demo = dict(demo)
-    fraction = demo.pop("labelled_fraction", None)
-    cases = int(demo.get("cases", 24))
-    demo.setdefault("folds", min(num_folds or 5, max(cases, 1)))
-    if fraction is None:
-        if manifest.name != "manifest.csv":
-            raise ValueError(f"with demo, the manifest must be named manifest.csv, got {manifest}")
-        make_phantom_dataset(manifest.parent, **demo)
-        return
-    full = manifest.parent / "manifest.csv"
-    if manifest.name == "manifest.csv":
-        raise ValueError(
-            f"with demo.labelled_fraction, the manifest {manifest} must not be named manifest.csv: it is derived "
-            f"from the fully labelled {full}"
-        )
-    if not full.exists():
-        make_phantom_dataset(manifest.parent, **demo)
-    # The phantoms' seed also picks the labelled cases: the demo dataset is a function of ``demo`` alone.
-    write_partly_labelled(full, manifest, float(fraction), keep_folds=[fold], seed=int(demo.get("seed", 0)))
 
 
 def default_cache_dir(manifest: str | os.PathLike) -> Path:

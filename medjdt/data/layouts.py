@@ -35,6 +35,7 @@ import nibabel as nib
 from medjdt.data import kits
 from medjdt.data.manifest import assign_folds, write_manifest
 from medjdt.data.names import LAYOUTS, UNLABELLED_POLICIES
+from medjdt.validation import check_choice
 
 QUBIQ_MODALITY = {
     "brain-growth": "MRI",
@@ -266,10 +267,8 @@ def scan_layout(layout: str, root: str | os.PathLike, unlabelled: str = "error")
     Raises ``ValueError`` for an unknown layout or policy, a missing root, an image that is missing, a case with
     no annotation (policy ``"error"``), and layout-specific inconsistencies, naming the case and file.
     """
-    if layout not in _SCANNERS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
-    if unlabelled not in UNLABELLED_POLICIES:
-        raise ValueError(f"unlabelled must be one of {list(UNLABELLED_POLICIES)}, got {unlabelled!r}")
+    check_choice("layout", layout, LAYOUTS)
+    check_choice("unlabelled", unlabelled, UNLABELLED_POLICIES)
     root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise ValueError(f"dataset root {root} is not a folder")

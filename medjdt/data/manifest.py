@@ -21,6 +21,7 @@ import pandas as pd
 
 from medjdt._paths import check_name
 from medjdt.data.atomic import atomic_write, atomic_write_text
+from medjdt.validation import check_number
 
 REQUIRED_COLUMNS = ("case_id", "image", "label", "rater", "fold")
 REQUIRED_METADATA = ("num_classes", "class_names", "modality", "spatial_dims")
@@ -115,8 +116,7 @@ def assign_folds(case_ids: Sequence[str], folds: int, seed: int = 0, allow_empty
     ``folds < 1`` or there are fewer cases than folds (unless ``allow_empty_folds``).
     """
     unique = sorted(set(case_ids))
-    if folds < 1:
-        raise ValueError(f"folds must be >= 1, got {folds}")
+    folds = check_number("folds", folds, low=1, integer=True, where="assign_folds")
     if len(unique) < folds and not allow_empty_folds:
         raise ValueError(f"cannot split {len(unique)} case(s) into {folds} folds")
     order = np.random.default_rng(seed).permutation(len(unique))
@@ -137,8 +137,7 @@ def hide_annotations(
     Raises ``ValueError`` when ``labelled_fraction`` is not in (0, 1] or there is no labelled case outside
     ``keep_folds``.
     """
-    if not 0.0 < labelled_fraction <= 1.0:
-        raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
+    labelled_fraction = check_number("labelled_fraction", labelled_fraction, low=0, high=1, low_inclusive=False)
     kept_folds = {int(f) for f in keep_folds}
     eligible = sorted(r.case_id for r in manifest.cases(labelled=True) if r.fold not in kept_folds)
     if not eligible:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from medjdt.data.io import write_nifti
 from medjdt.data.layouts import build_manifest
+from medjdt.validation import check_choice, check_number
 
 # Rater disagreement, as fractions of the organ's radius (the same absolute size on organ and lesion).
 _RATER_BIAS = 0.035
@@ -115,12 +116,11 @@ def make_phantom_dataset(
     Raises ``ValueError`` for bad arguments.
     """
     shape = tuple(int(s) for s in shape)
-    if dims not in (2, 3):
-        raise ValueError(f"dims must be 2 or 3, got {dims}")
+    dims = check_choice("dims", dims, (2, 3), where="make_phantom_dataset")
     if len(shape) != dims or min(shape) < 8:
         raise ValueError(f"shape {list(shape)} must have {dims} entries, each >= 8")
-    if cases < 1 or raters < 1:
-        raise ValueError(f"cases and raters must be >= 1, got cases={cases}, raters={raters}")
+    cases = check_number("cases", cases, low=1, integer=True, where="make_phantom_dataset")
+    raters = check_number("raters", raters, low=1, integer=True, where="make_phantom_dataset")
     folds = min(5, cases) if folds is None else folds
     if cases < folds:
         raise ValueError(f"cannot split {cases} case(s) into {folds} folds")

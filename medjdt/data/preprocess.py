@@ -22,6 +22,8 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_numpy
 
+from medjdt.validation import check_choice, check_number
+
 INTENSITY_MODES = ("ct", "zscore")
 
 
@@ -46,16 +48,13 @@ class PreprocessSettings:
     VERSION = 1
 
     def __post_init__(self) -> None:
-        if self.intensity not in INTENSITY_MODES:
-            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
-        window = tuple(float(w) for w in self.window)
+        check_choice("intensity", self.intensity, INTENSITY_MODES)
+        window = tuple(check_number("window", w) for w in self.window)
         if len(window) != 2 or not window[0] < window[1]:
             raise ValueError(f"window must be (low, high) with low < high, got {self.window!r}")
         object.__setattr__(self, "window", window)
         if self.spacing is not None:
-            spacing = tuple(float(s) for s in self.spacing)
-            if not all(np.isfinite(s) and s > 0 for s in spacing):
-                raise ValueError(f"spacing must hold positive numbers, got {self.spacing!r}")
+            spacing = tuple(check_number("spacing", s, low=0, low_inclusive=False) for s in self.spacing)
             object.__setattr__(self, "spacing", spacing)
         if self.orientation is not None and (
             len(self.orientation) != 3 or set(self.orientation.upper()) - set("RLAPSI")

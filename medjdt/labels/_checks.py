@@ -1,40 +1,22 @@
-"""Input validation shared by the label sources (fusion, smoothing, distillation)."""
+"""Checks of the tensors the label sources (fusion, smoothing, distillation) receive: rater label maps, targets,
+rater weights. Scalar arguments are checked with :mod:`medjdt.validation`."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from medjdt.validation import check_number
+
 SPATIAL_DIMS = (2, 3)
 
 
 def check_num_classes(num_classes: Any) -> int:
     """Return ``num_classes`` as an ``int`` after checking it is an integer >= 2."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return int(num_classes)
-
-
-def check_epsilon(epsilon: Any) -> float:
-    """Return ``epsilon`` as a ``float`` after checking it is a finite number in [0, 1]."""
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.integer, np.floating)):
-        raise ValueError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
-    if not 0.0 <= float(epsilon) <= 1.0:  # also rejects NaN
-        raise ValueError(f"epsilon must be in [0, 1], got {epsilon!r}")
-    return float(epsilon)
-
-
-def check_positive_finite(value: Any, name: str) -> float:
-    """Return ``value`` as a ``float`` after checking it is a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_number("num_classes", num_classes, low=2, integer=True)
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 
 from medjdt.labels._checks import as_label_stack, check_num_classes, check_weights
 from medjdt.labels.staple import staple_probabilities
+from medjdt.validation import check_choice
 
 FUSION_METHODS = ("mean", "weighted", "majority", "random", "staple")
 
@@ -58,8 +59,7 @@ def fuse(
             zero raters, raters of different shapes, labels that are NaN, non-integer or outside
             ``[0, num_classes)``.
     """
-    if method not in FUSION_METHODS:
-        raise ValueError(f"unknown fusion method {method!r}; expected one of {FUSION_METHODS}")
+    check_choice("method", method, FUSION_METHODS, where="fuse")
     num_classes = check_num_classes(num_classes)
     if weights is not None and method != "weighted":
         raise ValueError(f"weights only apply to method='weighted', got method={method!r}")

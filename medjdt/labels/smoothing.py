@@ -7,14 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medjdt.labels._checks import (
-    SPATIAL_DIMS,
-    as_tensor,
-    check_epsilon,
-    check_label_values,
-    check_num_classes,
-    label_dtype,
-)
+from medjdt.labels._checks import SPATIAL_DIMS, as_tensor, check_label_values, check_num_classes, label_dtype
+from medjdt.validation import check_choice, check_number, check_probability
 
 SMOOTHING_MODES = ("uniform", "boundary")
 _SUM_TOLERANCE = 1e-4
@@ -59,13 +53,14 @@ def _soft_target(target: torch.Tensor, num_classes: int | None) -> torch.Tensor:
     return target
 
 
-def check_smoothing_args(epsilon: Any, mode: Any, kernel_size: Any) -> float:
-    """Validate the smoothing arguments and return ``epsilon`` as a float (see :func:`smooth_labels`)."""
-    if mode not in SMOOTHING_MODES:
-        raise ValueError(f"unknown smoothing mode {mode!r}; expected one of {SMOOTHING_MODES}")
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
-    return check_epsilon(epsilon)
+def check_smoothing_args(epsilon: Any, mode: Any, kernel_size: Any) -> tuple[float, int]:
+    """``(epsilon, kernel_size)`` as ``(float, int)`` after checking the smoothing arguments (see
+    :func:`smooth_labels`)."""
+    check_choice("mode", mode, SMOOTHING_MODES, where="label smoothing")
+    kernel_size = check_number("kernel_size", kernel_size, low=1, integer=True, where="label smoothing")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"label smoothing: kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+    return check_probability("epsilon", epsilon, where="label smoothing"), kernel_size
 
 
 def _max_filter(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -113,7 +108,7 @@ def smooth_labels(
         ValueError: epsilon outside [0, 1], unknown mode, even or non-positive kernel size, bad labels, soft
             targets outside [0, 1] or not summing to 1, wrong shapes, ``ignore_mask`` of the wrong shape or dtype.
     """
-    epsilon = check_smoothing_args(epsilon, mode, kernel_size)
+    epsilon, kernel_size = check_smoothing_args(epsilon, mode, kernel_size)
     y = _soft_target(as_tensor(target, "target"), num_classes)
     batch_spatial = (y.shape[0], *y.shape[2:])
 

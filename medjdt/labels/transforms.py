@@ -21,6 +21,7 @@ from monai.utils.type_conversion import convert_to_dst_type
 from medjdt.labels._checks import as_tensor, check_num_classes, check_weights
 from medjdt.labels.fusion import FUSION_METHODS, fuse
 from medjdt.labels.smoothing import check_smoothing_args, smooth_labels
+from medjdt.validation import check_choice
 
 
 def _like(result: torch.Tensor, source: Any) -> torch.Tensor:
@@ -74,8 +75,7 @@ class FuseRatersd(MapTransform, Randomizable):
             raise ValueError(f"FuseRatersd takes exactly one raters key, got {self.keys}")
         if output_key in self.keys:
             raise ValueError(f"output_key {output_key!r} must differ from the raters key (the raters are kept)")
-        if method not in FUSION_METHODS:
-            raise ValueError(f"unknown fusion method {method!r}; expected one of {FUSION_METHODS}")
+        check_choice("method", method, FUSION_METHODS, where="FuseRatersd")
         if weights is not None:
             if method != "weighted":
                 raise ValueError(f"weights only apply to method='weighted', got method={method!r}")
@@ -132,9 +132,8 @@ class SmoothLabelsd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.epsilon = check_smoothing_args(epsilon, mode, kernel_size)
+        self.epsilon, self.kernel_size = check_smoothing_args(epsilon, mode, kernel_size)
         self.mode = mode
-        self.kernel_size = kernel_size
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Replace each target in a copy of ``data`` by its smoothed version."""

@@ -1,7 +1,7 @@
 """Soft-label segmentation losses.
 
 - :class:`JDTLoss` (and :class:`JaccardMetricLoss`, :class:`DiceSemimetricLoss`): Jaccard/Dice/Tversky losses
-  that are correct for soft labels, with dataset/image/class reductions and cross-rank cardinalities.
+  that are correct for soft labels, with dataset/image/class aggregations and cross-rank cardinalities.
 - :class:`SoftTargetCrossEntropy`: cross-entropy for hard or soft targets with masks.
 - :class:`SegmentationLoss`: the weighted mix of the two used in training.
 - Functional core for probabilities (e.g. distillation from a teacher): :func:`jdt_loss`,
@@ -14,8 +14,8 @@ from medjdt.losses.cardinalities import hard_cardinalities, soft_cardinalities
 from medjdt.losses.cross_entropy import SoftTargetCrossEntropy
 from medjdt.losses.fused import fused_cardinalities
 from medjdt.losses.jdt import DiceSemimetricLoss, JaccardMetricLoss, JDTLoss, activate, jdt_loss
-from medjdt.losses.reduction import tversky_loss
 from medjdt.losses.segmentation import SegmentationLoss
+from medjdt.losses.tversky import tversky_loss
 
 __all__ = [
     "DiceSemimetricLoss",

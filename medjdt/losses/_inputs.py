@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from medjdt.validation import SPATIAL_LAYOUT, check_choice, check_number, check_tensor
+
+# The activations a loss applies to its input; None: the input holds probabilities already.
 _ACTIVATIONS = ("softmax", "sigmoid", None)
 
 
@@ -94,16 +97,29 @@ class DeferredChecks:
         return len(self._pending)
 
 
-def check_activation(activation: str | None) -> None:
-    """Raise ``ValueError`` unless ``activation`` is ``"softmax"``, ``"sigmoid"`` or None."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+def check_activation(activation: str | None, *, where: str | None = None) -> str | None:
+    """``activation`` after checking that it is ``"softmax"``, ``"sigmoid"`` or None (``ValueError`` otherwise)."""
+    return check_choice("activation", activation, _ACTIVATIONS, where=where)
 
 
-def check_ignore_index(ignore_index: int | None) -> None:
-    """Raise ``ValueError`` unless ``ignore_index`` is None or an int."""
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
+def check_ignore_index(ignore_index: int | None, *, where: str | None = None) -> int | None:
+    """``ignore_index`` as an ``int``, or None; ``ValueError`` for anything but a whole number or None."""
+    return None if ignore_index is None else check_number("ignore_index", ignore_index, integer=True, where=where)
+
+
+def check_p_variant(p: float, variant: int, *, where: str | None = None) -> tuple[float, int]:
+    """``(p, variant)`` as ``(float, int)`` after checking the Lp exponent and the cardinality variant.
+
+    Raises:
+        ValueError: ``p`` is not a finite number >= 1, ``variant`` is not 1 or 2, or ``variant=2`` with p != 1
+            (the product form exists for p = 1 only).
+    """
+    variant = int(check_choice("variant", variant, (1, 2), where=where))
+    p = check_number("p", p, low=1, where=where)
+    if variant == 2 and p != 1:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}variant=2 is defined for p=1 only, got p={p:g}")
+    return p, variant
 
 
 def check_logits(
@@ -119,14 +135,7 @@ def check_logits(
         The smallest and largest logit (one pass over the data, used to pick a cheaper softmax), or None for
         probabilities (``activation=None``) and deferred checks.
     """
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.ndim not in (4, 5):
-        raise ValueError(
-            f"logits must have shape (B, C, *spatial) with 2 or 3 spatial dims, got shape {tuple(logits.shape)}"
-        )
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating tensor, got dtype {logits.dtype}")
+    check_tensor("logits", logits, ndim=(4, 5), layout=SPATIAL_LAYOUT, floating=True)
     if activation == "softmax" and logits.shape[1] < 2:
         raise ValueError(
             f"activation='softmax' needs at least 2 channels, got logits of shape {tuple(logits.shape)}; "

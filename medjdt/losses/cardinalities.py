@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from medjdt.losses._inputs import check_unit_interval, prepare_target
+from medjdt.losses._inputs import check_ignore_index, check_p_variant, check_unit_interval, prepare_target
+from medjdt.losses.dtypes import compute_dtype
 
-__all__ = ["compute_dtype", "hard_cardinalities", "soft_cardinalities", "target_max"]
+__all__ = ["hard_cardinalities", "soft_cardinalities", "target_max"]
 
 
 def _expand(stat: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -131,19 +132,11 @@ def _image_class_bins(flat_labels: torch.Tensor, channels: int) -> torch.Tensor:
     return flat_labels + offsets.unsqueeze(1)
 
 
-def _check_p_variant(p: float, variant: int) -> None:
-    if variant not in (1, 2):
-        raise ValueError(f"variant must be 1 or 2, got {variant!r}")
-    if not (isinstance(p, int | float) and p >= 1 and p != float("inf")):
-        raise ValueError(f"p must be a finite number >= 1, got {p!r}")
-    if variant == 2 and p != 1:
-        raise ValueError(f"variant=2 is defined for p=1 only, got p={p!r}")
-
-
 def _soft_cardinalities(
     probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, p: float, variant: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unchecked core of :func:`soft_cardinalities`; ``probs`` is already in its :func:`compute_dtype`."""
+    """Unchecked core of :func:`soft_cardinalities`; ``probs`` is already in its
+    :func:`~medjdt.losses.dtypes.compute_dtype`."""
     keep = None if mask is None else mask.unsqueeze(1).to(probs.dtype)
     sums = _SoftSums.apply(probs, target.to(probs.dtype), keep, float(p), variant == 2)
     sum_x, sum_y, sum_diff = sums[0], sums[1], sums[2]
@@ -165,11 +158,6 @@ def _hard_cardinalities(
     return tp, sum_x - tp, count - tp, count
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the sums run in: float64 for float64 inputs, float32 for every other (fp16, bf16, fp32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def soft_cardinalities(
     probs: torch.Tensor,
     target: torch.Tensor,
@@ -187,13 +175,13 @@ def soft_cardinalities(
         variant: 1 (difference form, any p) or 2 (product form, p = 1 only); see the module docstring.
 
     Returns:
-        ``(tp, fp, fn)``, each ``(B, C)`` in :func:`compute_dtype` of ``probs``, differentiable with respect to
-        ``probs`` and ``target``.
+        ``(tp, fp, fn)``, each ``(B, C)`` in the :func:`~medjdt.losses.dtypes.compute_dtype` of ``probs``,
+        differentiable with respect to ``probs`` and ``target``.
 
     Raises:
         ValueError: bad shapes or dtypes, values outside [0, 1], or a bad ``p`` / ``variant``.
     """
-    _check_p_variant(p, variant)
+    p, variant = check_p_variant(p, variant, where="soft_cardinalities")
     prepared = _prepare_checked(probs, target, mask, ignore_index=None)
     if prepared.soft is None:
         raise ValueError(
@@ -221,13 +209,15 @@ def hard_cardinalities(
         ignore_index: label value whose voxels are excluded (may lie outside ``[0, C)``).
 
     Returns:
-        ``(tp, fp, fn)``, each ``(B, C)`` in :func:`compute_dtype` of ``probs``, differentiable with respect to
-        ``probs``.
+        ``(tp, fp, fn)``, each ``(B, C)`` in the :func:`~medjdt.losses.dtypes.compute_dtype` of ``probs``,
+        differentiable with respect to ``probs``.
 
     Raises:
-        ValueError: bad shapes or dtypes, probabilities outside [0, 1], class indices outside ``[0, C)``.
+        ValueError: bad shapes or dtypes, probabilities outside [0, 1], class indices outside ``[0, C)``, a bad ``p``
+            or ``ignore_index``.
     """
-    _check_p_variant(p, 1)
+    p, _ = check_p_variant(p, 1, where="hard_cardinalities")
+    ignore_index = check_ignore_index(ignore_index, where="hard_cardinalities")
     prepared = _prepare_checked(probs, labels, mask, ignore_index)
     if prepared.labels is None:
         raise ValueError(
@@ -254,7 +244,8 @@ def target_max(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         mask: optional ``(B, *spatial)`` bool, True for voxels that count.
 
     Returns:
-        ``(B, C)`` in the target's :func:`compute_dtype` (0 where every voxel is masked), no gradient.
+        ``(B, C)`` in the target's :func:`~medjdt.losses.dtypes.compute_dtype` (0 where every voxel is masked), no
+        gradient.
     """
     target = target.detach()
     if mask is not None:

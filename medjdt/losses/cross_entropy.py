@@ -9,12 +9,12 @@ from torch import nn
 from medjdt.losses._inputs import (
     DeferredChecks,
     PreparedTarget,
-    check_activation,
     check_ignore_index,
     check_logits,
     prepare_target,
 )
-from medjdt.losses.cardinalities import compute_dtype
+from medjdt.losses.dtypes import compute_dtype
+from medjdt.validation import check_choice
 
 __all__ = ["SoftTargetCrossEntropy"]
 
@@ -51,12 +51,10 @@ class SoftTargetCrossEntropy(nn.Module):
 
     def __init__(self, activation: str = "softmax", ignore_index: int | None = None) -> None:
         super().__init__()
-        check_activation(activation)
-        if activation is None:
-            raise ValueError("SoftTargetCrossEntropy takes logits: activation must be 'softmax' or 'sigmoid'")
-        check_ignore_index(ignore_index)
-        self.activation = activation
-        self.ignore_index = ignore_index
+        where = type(self).__name__
+        # this loss takes logits: no activation=None
+        self.activation = check_choice("activation", activation, ("softmax", "sigmoid"), where=where)
+        self.ignore_index = check_ignore_index(ignore_index, where=where)
         self._deferred = DeferredChecks()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

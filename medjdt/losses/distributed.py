@@ -1,4 +1,4 @@
-"""Cross-rank sums for the dataset reduction under ``torch.distributed``."""
+"""Cross-rank sums for the dataset aggregation under ``torch.distributed``."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Triton kernels for the fused JDT cardinalities on CUDA: one pass over the voxels for the sums, one for the
 gradient.
 
-Same contract and formulas as the chunked torch functions of :mod:`medjdt.losses.fused` (see there), for
-p = 1 and 2 and a target without gradient; :func:`medjdt.losses.fused.fused_sums` picks these kernels for CUDA
-tensors when Triton is importable and falls back to the torch path otherwise. Each program handles one image
+Same contract and formulas as the chunked torch functions of :mod:`medjdt.losses.fused_soft` and
+:mod:`medjdt.losses.fused_hard` (see there), for p = 1 and 2 and a target without gradient;
+:func:`medjdt.losses.fused.fused_sums` picks these kernels for CUDA tensors when Triton is importable and falls
+back to the torch path otherwise. Each program handles one image
 and ``BLOCK`` voxels as a ``(C, BLOCK)`` tile: it computes the activation over the classes in registers, reduces
 its part of the per-(image, class) sums and adds it atomically (forward), or recomputes the activation and
 writes the gradient of its tile (backward). Nothing voxel-sized besides the gradient is allocated.
@@ -58,7 +59,7 @@ def _launch(kernel, logits, target, mask, extra, activation, hard, p, with_produ
 
 
 class TritonSums(torch.autograd.Function):
-    """Sums of act(logits) against a target, as ``_FusedSoftSums`` (soft) or ``_FusedHardSums`` (hard labels).
+    """Sums of act(logits) against a target, as ``FusedSoftSums`` (soft) or ``FusedHardSums`` (hard labels).
 
     ``logits``: ``(B, C, N)`` contiguous; ``target``: ``(B, C, N)`` soft or ``(B, N)`` int64 labels; ``mask``:
     ``(B, N)`` bool or None; p in (1, 2). Returns float32 sums ``(K, B, C)``: soft ``S_x, S_y, S_d`` (and

@@ -2,43 +2,36 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from medjdt._deprecation import renamed_argument
 from medjdt.losses._inputs import (
     DeferredChecks,
     PreparedTarget,
     check_activation,
     check_ignore_index,
     check_logits,
+    check_p_variant,
     prepare_target,
 )
-from medjdt.losses.cardinalities import (
-    _check_p_variant,
-    _hard_cardinalities,
-    _soft_cardinalities,
-    compute_dtype,
-    target_max,
-)
+from medjdt.losses.aggregation import class_mean, dataset_mean, image_mean, parse_aggregation
+from medjdt.losses.cardinalities import _hard_cardinalities, _soft_cardinalities, target_max
 from medjdt.losses.distributed import all_reduce_max, all_reduce_sum
+from medjdt.losses.dtypes import compute_dtype
 from medjdt.losses.fused import fused_sums
-from medjdt.losses.reduction import class_mean, dataset_mean, image_mean, parse_reduction, tversky_loss
+from medjdt.losses.tversky import tversky_loss
+from medjdt.validation import check_choice, check_number
 
 __all__ = ["DiceSemimetricLoss", "JDTLoss", "JaccardMetricLoss", "activate", "jdt_loss"]
 
-_ACTIVE_MODES = ("all", "present")
-
-
-def _check_number(name: str, value: float, low: float, low_inclusive: bool = True) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= low if low_inclusive else value > low)
-    if not ok:
-        relation = ">=" if low_inclusive else ">"
-        raise ValueError(f"{name} must be a finite number {relation} {low}, got {value!r}")
-    return float(value)
+ACTIVE_CLASSES = ("all", "present")
+_DEFAULT_AGGREGATION = "dataset"
+_DEFAULT_PRESENCE_THRESHOLD = 0.01
+# Old argument names of JDTLoss and jdt_loss -> their new names (the old ones are deprecated).
+_RENAMED = {"reduction": "aggregation", "threshold": "presence_threshold"}
 
 
 def activate(logits: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -70,24 +63,24 @@ class JDTLoss(nn.Module):
     - ``variant=1``: ``TP = (|x|_p^p + |y|_p^p - |x - y|_p^p) / 2``, ``FP = |x|_p^p - TP``, ``FN = |y|_p^p - TP``.
     - ``variant=2`` (p = 1 only): ``TP = sum x*y``, ``FP = sum max(x - y, 0)``, ``FN = sum max(y - x, 0)``.
 
-    Reductions:
+    Aggregations (how the per-image, per-class cardinalities become one value; not torch's ``reduction``):
 
     - ``"dataset"``: sum TP, FP, FN over the batch and voxels per class, then mean over active classes.
     - ``"image"``: per image, mean over its active classes, then mean over images that have one.
     - ``"class"``: per class, mean over the images where it is active, then mean over classes.
-    - a dict of weights such as ``{"image": 0.5, "class": 0.5}`` sums the weighted reductions.
+    - a dict of weights such as ``{"image": 0.5, "class": 0.5}`` sums the weighted aggregations.
 
     A class is active everywhere with ``active_classes="all"``; with ``"present"`` it is active where the
-    largest target value over the reduced dims exceeds ``threshold`` (for the dataset reduction: over the
-    whole batch). Class means are weighted by ``class_weights``. If nothing is active the loss is 0, still
+    largest target value over the aggregated dims exceeds ``presence_threshold`` (for the dataset aggregation:
+    over the whole batch). Class means are weighted by ``class_weights``. If nothing is active the loss is 0, still
     attached to the graph.
 
     Distributed training: with ``sync_ranks=True`` and an initialised ``torch.distributed`` process group,
-    the dataset reduction sums the cardinalities over all ranks before forming the ratio (and agrees on the
+    the dataset aggregation sums the cardinalities over all ranks before forming the ratio (and agrees on the
     present classes over all ranks). Every rank then returns the same loss value, the one a single process
     gets on the concatenated batch. Gradient convention: on each rank the gradient with respect to its own
     logits is ``world_size`` times the full-batch gradient of those logits, so DDP's averaging of parameter
-    gradients over ranks yields exactly the full-batch gradient. The image and class reductions are computed
+    gradients over ranks yields exactly the full-batch gradient. The image and class aggregations are computed
     per rank (DDP's averaging makes them a mean over ranks). The sync is a collective operation: call the loss
     on every rank, or pass ``sync_ranks=False`` where only some ranks compute it.
 
@@ -95,9 +88,9 @@ class JDTLoss(nn.Module):
         alpha: weight of FP, >= 0.
         beta: weight of FN, >= 0 (``alpha + beta > 0``).
         variant: 1 or 2, the cardinality formulas above.
-        reduction: ``"dataset"``, ``"image"``, ``"class"``, or a dict of non-negative weights over them.
+        aggregation: ``"dataset"``, ``"image"``, ``"class"``, or a dict of non-negative weights over them.
         active_classes: ``"all"`` or ``"present"``.
-        threshold: a class is present where its largest target value exceeds this, in [0, 1).
+        presence_threshold: a class is present where its largest target value exceeds this, in [0, 1).
         smooth: the smoothing term ``s`` >= 0, added to numerator and denominator.
         p: exponent of the Lp cardinalities, a finite number >= 1.
         log_loss: use ``-log T`` instead of ``1 - T``.
@@ -113,6 +106,8 @@ class JDTLoss(nn.Module):
             CUDA), so no voxel-sized tensor besides the gradient is allocated. False selects the
             plain-torch reference path (activation, then :func:`soft_cardinalities` / :func:`hard_cardinalities`);
             the two agree to float rounding, also in their gradients.
+        reduction: deprecated name of ``aggregation`` (``FutureWarning``).
+        threshold: deprecated name of ``presence_threshold`` (``FutureWarning``).
 
     Inputs of :meth:`forward`:
         logits: ``(B, C, *spatial)`` floating, 2 or 3 spatial dims (probabilities if ``activation=None``).
@@ -126,9 +121,10 @@ class JDTLoss(nn.Module):
         A scalar tensor, float32 (float64 for float64 logits).
 
     Raises:
-        ValueError: for bad arguments in ``__init__``, and in ``forward`` for shape or dtype mismatches, a wrong
-            number of channels or class weights, soft targets outside [0, 1], class indices out of range,
-            NaN/Inf logits, or probabilities outside [0, 1] (``activation=None``).
+        ValueError: for bad arguments in ``__init__`` (also for a deprecated name given together with its new
+            name), and in ``forward`` for shape or dtype mismatches, a wrong number of channels or class weights,
+            soft targets outside [0, 1], class indices out of range, NaN/Inf logits, or probabilities outside
+            [0, 1] (``activation=None``).
     """
 
     def __init__(
@@ -136,9 +132,9 @@ class JDTLoss(nn.Module):
         alpha: float = 1.0,
         beta: float = 1.0,
         variant: int = 1,
-        reduction: str | dict[str, float] = "dataset",
+        aggregation: str | dict[str, float] = _DEFAULT_AGGREGATION,
         active_classes: str = "all",
-        threshold: float = 0.01,
+        presence_threshold: float = _DEFAULT_PRESENCE_THRESHOLD,
         smooth: float = 1.0,
         p: float = 1,
         log_loss: bool = False,
@@ -149,38 +145,61 @@ class JDTLoss(nn.Module):
         activation: str | None = "softmax",
         sync_ranks: bool = True,
         fused: bool = True,
+        *,
+        reduction: str | dict[str, float] | None = None,
+        threshold: float | None = None,
     ) -> None:
         super().__init__()
-        self.alpha = _check_number("alpha", alpha, 0.0)
-        self.beta = _check_number("beta", beta, 0.0)
+        where = type(self).__name__
+        # The warnings point at the line that built the loss, also through a preset's __init__. A new name left at
+        # its default cannot be told from a new name not given, so only a new name with another value clashes.
+        stacklevel = 3 if type(self).__init__ is JDTLoss.__init__ else 4
+        aggregation = renamed_argument(
+            where,
+            "reduction",
+            "aggregation",
+            reduction,
+            aggregation,
+            new_given=aggregation != _DEFAULT_AGGREGATION,
+            stacklevel=stacklevel,
+        )
+        presence_threshold = renamed_argument(
+            where,
+            "threshold",
+            "presence_threshold",
+            threshold,
+            presence_threshold,
+            new_given=presence_threshold != _DEFAULT_PRESENCE_THRESHOLD,
+            stacklevel=stacklevel,
+        )
+        self.alpha = check_number("alpha", alpha, low=0, where=where)
+        self.beta = check_number("beta", beta, low=0, where=where)
         if self.alpha + self.beta == 0:
-            raise ValueError("alpha and beta must not both be 0 (the index would be constantly 1)")
-        _check_p_variant(p, variant)
-        self.variant, self.p = variant, float(p)
-        self.reduction = parse_reduction(reduction)
-        if active_classes not in _ACTIVE_MODES:
-            raise ValueError(f"active_classes must be one of {_ACTIVE_MODES}, got {active_classes!r}")
-        self.active_classes = active_classes
-        self.threshold = _check_number("threshold", threshold, 0.0)
-        if self.threshold >= 1:
-            raise ValueError(f"threshold must be < 1 (no class could be present), got {threshold!r}")
-        self.smooth = _check_number("smooth", smooth, 0.0)
+            raise ValueError(f"{where}: alpha and beta must not both be 0 (the index would be constantly 1)")
+        self.p, self.variant = check_p_variant(p, variant, where=where)
+        self.aggregation = parse_aggregation(aggregation, where=where)
+        self.active_classes = check_choice("active_classes", active_classes, ACTIVE_CLASSES, where=where)
+        # at 1 or above no class could be present
+        self.presence_threshold = check_number(
+            "presence_threshold", presence_threshold, low=0, high=1, high_inclusive=False, where=where
+        )
+        self.smooth = check_number("smooth", smooth, low=0, where=where)
         self.log_loss = bool(log_loss)
-        self.gamma = _check_number("gamma", gamma, 0.0, low_inclusive=False)
-        check_ignore_index(ignore_index)
-        self.ignore_index = ignore_index
+        self.gamma = check_number("gamma", gamma, low=0, low_inclusive=False, where=where)
+        self.ignore_index = check_ignore_index(ignore_index, where=where)
         self.include_background = bool(include_background)
-        check_activation(activation)
-        self.activation = activation
+        self.activation = check_activation(activation, where=where)
         self.sync_ranks = bool(sync_ranks)
         self.fused = bool(fused)
         weights = None
         if class_weights is not None:
             weights = torch.as_tensor(class_weights, dtype=torch.float32)
             if weights.ndim != 1 or weights.numel() == 0:
-                raise ValueError(f"class_weights must be a non-empty 1-D sequence, got shape {tuple(weights.shape)}")
+                raise ValueError(
+                    f"{where}: class_weights must be a non-empty 1-D sequence, got shape {tuple(weights.shape)}"
+                )
             if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
-                raise ValueError(f"class_weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
+                raise ValueError(f"{where}: class_weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
         self.register_buffer("class_weights", weights, persistent=False)
         self._deferred = DeferredChecks()
 
@@ -250,19 +269,19 @@ class JDTLoss(nn.Module):
         class_weights = class_weights.to(tp)
 
         total = tp.new_zeros(())
-        for name, weight in self.reduction.items():
+        for name, weight in self.aggregation.items():
             if name == "dataset":
                 sums = torch.stack([tp.sum(0), fp.sum(0), fn.sum(0)])
                 largest = None if present is None else present.amax(0)
                 if self.sync_ranks:
                     sums = all_reduce_sum(sums)
                     largest = None if largest is None else all_reduce_max(largest)
-                active = None if largest is None else largest > self.threshold
+                active = None if largest is None else largest > self.presence_threshold
                 losses = self._loss(sums[0], sums[1], sums[2], active)
                 weights = class_weights if active is None else class_weights * active
                 value = dataset_mean(losses, weights)
             else:
-                active = None if present is None else present > self.threshold
+                active = None if present is None else present > self.presence_threshold
                 losses = self._loss(tp, fp, fn, active)
                 if active is None:
                     active = torch.ones_like(tp, dtype=torch.bool)
@@ -300,7 +319,8 @@ def jdt_loss(
         probs: ``(B, C, *spatial)`` probabilities in [0, 1], 2 or 3 spatial dims.
         target: hard labels ``(B, *spatial)`` or soft labels ``(B, C, *spatial)`` in [0, 1].
         mask: optional ``(B, *spatial)`` bool, True for voxels that count.
-        **options: any :class:`JDTLoss` argument except ``activation`` (``alpha``, ``beta``, ``reduction``...).
+        **options: any :class:`JDTLoss` argument except ``activation`` (``alpha``, ``beta``, ``aggregation``...);
+            the deprecated names ``reduction`` and ``threshold`` warn as in :class:`JDTLoss`.
 
     Returns:
         A scalar tensor (float32, or float64 for float64 input), differentiable with respect to ``probs`` (and a
@@ -308,4 +328,8 @@ def jdt_loss(
     """
     if "activation" in options:
         raise ValueError("jdt_loss takes probabilities; use JDTLoss(activation=...) for logits")
+    for old, new in _RENAMED.items():
+        old_value = options.pop(old, None)
+        if old_value is not None:
+            options[new] = renamed_argument("jdt_loss", old, new, old_value, options.get(new), new_given=new in options)
     return JDTLoss(activation=None, **options)(probs, target, mask)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from medjdt.losses._inputs import DeferredChecks, check_logits, prepare_target
 from medjdt.losses.cross_entropy import SoftTargetCrossEntropy
 from medjdt.losses.jdt import DiceSemimetricLoss, JDTLoss
+from medjdt.validation import check_number
 
 __all__ = ["SegmentationLoss"]
 
@@ -41,17 +40,17 @@ class SegmentationLoss(nn.Module):
 
     def __init__(self, ce_weight: float = 0.25, jdt_weight: float = 0.75, jdt: JDTLoss | None = None) -> None:
         super().__init__()
-        for name, value in (("ce_weight", ce_weight), ("jdt_weight", jdt_weight)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        where = type(self).__name__
+        ce_weight = check_number("ce_weight", ce_weight, low=0, where=where)
+        jdt_weight = check_number("jdt_weight", jdt_weight, low=0, where=where)
         if ce_weight == 0 and jdt_weight == 0:
-            raise ValueError("ce_weight and jdt_weight must not both be 0")
+            raise ValueError(f"{where}: ce_weight and jdt_weight must not both be 0")
         jdt = DiceSemimetricLoss() if jdt is None else jdt
         if not isinstance(jdt, JDTLoss):
-            raise ValueError(f"jdt must be a JDTLoss, got {type(jdt).__name__}")
+            raise ValueError(f"{where}: jdt must be a JDTLoss, got {type(jdt).__name__}")
         if jdt.activation is None:
             raise ValueError("SegmentationLoss takes logits: the JDT loss needs activation 'softmax' or 'sigmoid'")
-        self.ce_weight, self.jdt_weight = float(ce_weight), float(jdt_weight)
+        self.ce_weight, self.jdt_weight = ce_weight, jdt_weight
         self.jdt = jdt
         self.ce = SoftTargetCrossEntropy(activation=jdt.activation, ignore_index=jdt.ignore_index)
         self._deferred = DeferredChecks()

@@ -7,11 +7,16 @@ Functional forms (per image and class, on tensors): :func:`dice`, :func:`iou`, :
 from a single pass over every batch.
 
 The streaming objects sum each batch in one pass over the voxels (:func:`medjdt.metrics.fused.voxel_sums`); the
-functional forms compute one metric at a time and serve as its reference.
+functional forms compute one metric at a time and serve as its reference. Each functional metric and its
+streaming counterpart share their defaults: 15 calibration bins, ``include_background=False`` for overlap (class 0
+is background) and True for calibration (the whole distribution is judged), the QUBIQ levels
+:data:`QUBIQ_LEVELS` for the thresholded Dice.
 
 Shapes: probabilities ``(B, C, *spatial)`` with 2 or 3 spatial dims; references hard ``(B, *spatial)`` integer
 labels or soft ``(B, C, *spatial)`` class distributions; optional ``mask`` ``(B, *spatial)`` bool.
 """
+
+import warnings
 
 from medjdt.metrics.calibration import (
     ReliabilityBins,
@@ -20,11 +25,13 @@ from medjdt.metrics.calibration import (
     nll,
     reliability_bins,
 )
-from medjdt.metrics.overlap import QUBIQ_THRESHOLDS, dice, iou, soft_dice, thresholded_dice
-from medjdt.metrics.streaming import CalibrationMetrics, OverlapMetrics, SegmentationMetrics
+from medjdt.metrics.calibration_metrics import CalibrationMetrics
+from medjdt.metrics.overlap import QUBIQ_LEVELS, dice, iou, soft_dice, thresholded_dice
+from medjdt.metrics.overlap_metrics import OverlapMetrics
+from medjdt.metrics.segmentation_metrics import SegmentationMetrics
 
 __all__ = [
-    "QUBIQ_THRESHOLDS",
+    "QUBIQ_LEVELS",
     "CalibrationMetrics",
     "OverlapMetrics",
     "ReliabilityBins",
@@ -38,3 +45,10 @@ __all__ = [
     "soft_dice",
     "thresholded_dice",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "QUBIQ_THRESHOLDS":  # the old name of QUBIQ_LEVELS, kept for one release
+        warnings.warn("QUBIQ_THRESHOLDS is deprecated; use QUBIQ_LEVELS", FutureWarning, stacklevel=2)
+        return QUBIQ_LEVELS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

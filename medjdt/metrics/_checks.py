@@ -8,11 +8,14 @@ the device), so that a streaming metric on an accelerator can check many batches
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from medjdt.losses.dtypes import compute_dtype
+from medjdt.validation import SPATIAL_LAYOUT, check_number, check_tensor
 
 # Largest accepted deviation of a class distribution's sum from 1. Softmax in float32 is exact to ~1e-6;
 # half precision needs a wider margin, hence the dtype-dependent term.
@@ -155,16 +158,8 @@ def prepare_inputs(
     Raises:
         ValueError: naming the problem (type, dtype, shape, NaN, range, sum, labels) and the offending images.
     """
-    if not isinstance(probs, Tensor):
-        raise ValueError(f"probs must be a torch.Tensor, got {type(probs).__name__}.")
-    if not isinstance(target, Tensor):
-        raise ValueError(f"target must be a torch.Tensor, got {type(target).__name__}.")
-    if probs.ndim not in (4, 5):
-        raise ValueError(
-            f"probs must have shape (B, C, *spatial) with 2 or 3 spatial dims, got shape {tuple(probs.shape)}."
-        )
-    if not probs.is_floating_point():
-        raise ValueError(f"probs must be a floating point tensor of probabilities, got dtype {probs.dtype}.")
+    check_tensor("probs", probs, ndim=(4, 5), layout=SPATIAL_LAYOUT, floating=True)
+    check_tensor("target", target)
     batch, num_classes, *spatial = probs.shape
     if num_classes < 2:
         raise ValueError(
@@ -188,7 +183,7 @@ def prepare_inputs(
     if case_ids is not None:
         case_ids = check_case_ids(case_ids, batch)
 
-    work_dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    work_dtype = compute_dtype(probs.dtype)
     flat_probs = probs.to(work_dtype).flatten(2).contiguous()
     if soft:
         if not target.is_floating_point():
@@ -345,25 +340,21 @@ def _raise_for_image_values(rows, name, simplex, input_dtype, case_ids) -> None:
             )
 
 
-def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise ValueError listing them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
-    return value
+def check_levels(levels: Sequence[float], *, where: str | None = None) -> tuple[float, ...]:
+    """``levels`` as a tuple of floats after checking that they are strictly increasing numbers inside (0, 1).
 
-
-def check_n_bins(n_bins: int) -> int:
-    """Return ``n_bins`` if it is a positive int."""
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
-    return n_bins
-
-
-def check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
-    """Return ``thresholds`` as a tuple after checking they are strictly increasing and inside (0, 1)."""
-    values = tuple(float(t) for t in thresholds)
+    Raises:
+        ValueError: not a sequence, empty, a value that is not a number in (0, 1), or not strictly increasing.
+    """
+    prefix = f"{where}: " if where else ""
+    if isinstance(levels, str) or not isinstance(levels, Iterable):
+        raise ValueError(f"{prefix}levels must be a sequence of numbers in (0, 1), got {levels!r}")
+    values = tuple(
+        check_number(f"levels[{i}]", t, low=0, high=1, low_inclusive=False, high_inclusive=False, where=where)
+        for i, t in enumerate(levels)
+    )
     if not values:
-        raise ValueError("thresholds must not be empty.")
-    if any(not 0 < t < 1 for t in values) or any(a >= b for a, b in zip(values, values[1:])):
-        raise ValueError(f"thresholds must be strictly increasing values in (0, 1), got {values}.")
+        raise ValueError(f"{prefix}levels must not be empty")
+    if any(a >= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"{prefix}levels must be strictly increasing, got {values}")
     return values

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from medjdt.metrics._argmax import class_max
 from medjdt.metrics._binning import grouped_sums
-from medjdt.metrics._checks import MetricInputs, check_choice, check_n_bins, prepare_inputs
+from medjdt.metrics._checks import MetricInputs, prepare_inputs
+from medjdt.validation import check_choice, check_number
 
 __all__ = [
+    "DEFAULT_N_BINS",
     "ReliabilityBins",
     "brier_score",
+    "calibration_error_from_sums",
     "expected_calibration_error",
     "nll",
     "reliability_bins",
@@ -34,6 +38,8 @@ CalibrationKind = Literal["top_label", "classwise"]
 CalibrationNorm = Literal["l1", "l2", "max"]
 KINDS = ("top_label", "classwise")
 NORMS = ("l1", "l2", "max")
+DEFAULT_N_BINS = 15
+"""Equal-width bins of every ECE unless told otherwise (as torchmetrics' calibration errors)."""
 
 
 class ReliabilityBins(NamedTuple):
@@ -52,11 +58,11 @@ class ReliabilityBins(NamedTuple):
 
 def _bin_keys(values: Tensor, n_bins: int) -> Tensor:
     """``floor(value * M)`` as int32 in ``[0, M]``; key M (value 1.0) is merged into bin M - 1 by
-    :func:`_close_last_bin`, which is cheaper than clamping every voxel."""
+    :func:`close_last_bin`, which is cheaper than clamping every voxel."""
     return (values * n_bins).to(torch.int32)  # truncation is floor for values >= 0
 
 
-def _close_last_bin(sums: Tensor) -> Tensor:
+def close_last_bin(sums: Tensor) -> Tensor:
     """Merge key M into bin M - 1: ``(..., M + 1)`` -> ``(..., M)``."""
     return torch.cat([sums[..., :-2], sums[..., -2:].sum(-1, keepdim=True)], dim=-1)
 
@@ -78,11 +84,11 @@ def top_label_bin_sums(inputs: MetricInputs, n_bins: int) -> Tensor:
     n_keys = n_bins + 1
     if inputs.soft:
         accuracy = inputs.target.gather(1, predicted[:, None]).squeeze(1)
-        return _close_last_bin(grouped_sums(keys, n_keys, (confidence, accuracy), inputs.mask))
+        return close_last_bin(grouped_sums(keys, n_keys, (confidence, accuracy), inputs.mask))
     # Hard reference: correct voxels get keys shifted by n_keys, so the accuracy sum is an exact count.
     keys.add_(predicted == inputs.target, alpha=n_keys)
     sums = grouped_sums(keys, 2 * n_keys, (confidence,), inputs.mask)
-    return _close_last_bin(_split_by_correctness(sums, n_keys))
+    return close_last_bin(_split_by_correctness(sums, n_keys))
 
 
 def classwise_bin_sums(inputs: MetricInputs, n_bins: int) -> Tensor:
@@ -96,12 +102,12 @@ def classwise_bin_sums(inputs: MetricInputs, n_bins: int) -> Tensor:
     n_keys = n_bins + 1
     valid = None if inputs.mask is None else inputs.mask[:, None]
     if inputs.soft:
-        return _close_last_bin(grouped_sums(keys, n_keys, (probs, inputs.target), valid))
+        return close_last_bin(grouped_sums(keys, n_keys, (probs, inputs.target), valid))
     # Hard reference: the reference class of each voxel gets its key shifted by n_keys.
     shift = torch.full((), n_keys, dtype=keys.dtype, device=keys.device).expand(keys.shape[0], 1, keys.shape[2])
     keys.scatter_add_(1, inputs.target[:, None], shift)
     sums = grouped_sums(keys, 2 * n_keys, (probs,), valid)
-    return _close_last_bin(_split_by_correctness(sums, n_keys))
+    return close_last_bin(_split_by_correctness(sums, n_keys))
 
 
 def reliability_from_sums(sums: Tensor) -> ReliabilityBins:
@@ -111,13 +117,32 @@ def reliability_from_sums(sums: Tensor) -> ReliabilityBins:
     return ReliabilityBins(count=count, confidence=sums[1] / count, accuracy=sums[2] / count)
 
 
-def calibration_error_from_sums(sums: Tensor, norm: str = "l1") -> Tensor:
-    """Calibration error from bin sums ``(3, ..., M)``; NaN where no voxel was binned.
+def calibration_error_from_sums(sums: Tensor | np.ndarray, norm: CalibrationNorm = "l1") -> Tensor:
+    """Calibration error from per-bin sums: the one ECE of :mod:`medjdt.metrics` and :mod:`medjdt.reporting`.
 
-    ``l1`` is the expected calibration error sum_k w_k |acc_k - conf_k| with w_k the fraction of voxels in bin k,
-    ``l2`` the root mean square calibration error sqrt(sum_k w_k (acc_k - conf_k)^2) and ``max`` the maximum
-    calibration error max_k |acc_k - conf_k| over non-empty bins.
+    With n_b voxels in bin b, mean confidence conf_b and mean accuracy acc_b (the sums divided by n_b) and N the
+    number of voxels, ``l1`` is the expected calibration error sum_b n_b / N |acc_b - conf_b|, ``l2`` the root
+    mean square calibration error sqrt(sum_b n_b / N (acc_b - conf_b)^2) and ``max`` the maximum calibration
+    error max_b |acc_b - conf_b| over the non-empty bins.
+
+    Args:
+        sums: ``(3, ..., M)`` per bin: voxel count n_b, sum of confidences, sum of accuracies. A tensor, or an
+            array (numpy, nested lists), read as float64.
+        norm: ``"l1"``, ``"l2"`` or ``"max"``.
+
+    Returns:
+        ``(...)`` one error per leading index (a 0-dim tensor for ``(3, M)``); NaN where no voxel was binned.
+
+    Raises:
+        ValueError: an unknown ``norm``, or ``sums`` without the leading axis of 3 sums.
     """
+    check_choice("norm", norm, NORMS, where="calibration_error_from_sums")
+    sums = sums if isinstance(sums, Tensor) else torch.as_tensor(np.asarray(sums, dtype=np.float64))
+    if sums.ndim < 2 or sums.shape[0] != 3:
+        raise ValueError(
+            f"calibration_error_from_sums: sums must have shape (3, ..., M) (count, confidence and accuracy sums "
+            f"per bin), got shape {tuple(sums.shape)}"
+        )
     count = sums[0]
     total = count.sum(-1)
     filled = count > 0
@@ -180,17 +205,11 @@ def _select_classes(values: Tensor, include_background: bool) -> Tensor:
     return values if include_background else values[..., 1:, :]
 
 
-def _check_eps(eps: float) -> float:
-    if not 0 < eps < 1:
-        raise ValueError(f"eps must be in (0, 1), got {eps!r}.")
-    return eps
-
-
 @torch.no_grad()
 def reliability_bins(
     probs: Tensor,
     target: Tensor,
-    n_bins: int = 10,
+    n_bins: int = DEFAULT_N_BINS,
     kind: CalibrationKind = "top_label",
     *,
     mask: Tensor | None = None,
@@ -202,11 +221,12 @@ def reliability_bins(
         probs: ``(B, C, *spatial)`` probabilities (2 or 3 spatial dims); for ``kind="top_label"`` they must sum
             to 1 over C.
         target: hard labels ``(B, *spatial)`` or a soft reference ``(B, C, *spatial)`` summing to 1 over C.
-        n_bins: number of equal-width bins M over [0, 1] (see the module docstring for the edges).
+        n_bins: number of equal-width bins M over [0, 1] (default 15; see the module docstring for the edges).
         kind: ``"top_label"`` bins the max probability against the reference probability of the predicted class;
             ``"classwise"`` bins every class probability against that class's reference probability.
         mask: optional ``(B, *spatial)`` bool; False voxels are excluded.
-        include_background: classwise only; False drops class 0.
+        include_background: classwise only: True (default) keeps a row for class 0, since calibration judges the
+            whole distribution, background probability included; False drops it.
 
     Returns:
         :class:`ReliabilityBins` with tensors of shape ``(B, M)`` (top-label) or ``(B, C', M)`` (classwise,
@@ -215,8 +235,8 @@ def reliability_bins(
     Raises:
         ValueError: on bad arguments or inputs (see :func:`expected_calibration_error`).
     """
-    n_bins = check_n_bins(n_bins)
-    check_choice("kind", kind, KINDS)
+    n_bins = check_number("n_bins", n_bins, low=1, integer=True, where="reliability_bins")
+    check_choice("kind", kind, KINDS, where="reliability_bins")
     inputs = prepare_inputs(probs, target, mask, simplex=kind == "top_label")
     if kind == "top_label":
         return reliability_from_sums(top_label_bin_sums(inputs, n_bins))
@@ -227,7 +247,7 @@ def reliability_bins(
 def expected_calibration_error(
     probs: Tensor,
     target: Tensor,
-    n_bins: int = 10,
+    n_bins: int = DEFAULT_N_BINS,
     kind: CalibrationKind = "top_label",
     norm: CalibrationNorm = "l1",
     *,
@@ -245,11 +265,13 @@ def expected_calibration_error(
         probs: ``(B, C, *spatial)`` probabilities in [0, 1] (2 or 3 spatial dims). Top-label requires them to
             sum to 1 over C; classwise does not.
         target: hard labels ``(B, *spatial)`` (integer) or soft reference ``(B, C, *spatial)`` summing to 1 over C.
-        n_bins: number of bins M over [0, 1]; bin k is ``[k/M, (k+1)/M)``, the last bin includes 1.0.
+        n_bins: number of bins M over [0, 1] (default 15, as torchmetrics); bin k is ``[k/M, (k+1)/M)``, the last
+            bin includes 1.0.
         kind: ``"top_label"`` or ``"classwise"``.
         norm: ``"l1"`` (ECE), ``"l2"`` (RMS calibration error) or ``"max"`` (maximum calibration error).
         mask: optional ``(B, *spatial)`` bool; False voxels are excluded (and may hold any value).
-        include_background: classwise only; False drops class 0.
+        include_background: classwise only: True (default) scores class 0 too, since calibration judges the
+            whole distribution, background probability included; False drops it.
 
     Returns:
         ``(B,)`` for top-label, ``(B, C')`` for classwise; NaN for an image with no counted voxel.
@@ -258,9 +280,9 @@ def expected_calibration_error(
         ValueError: on an unknown ``kind``/``norm``, ``n_bins < 1``, shape or dtype mismatch, NaN, values outside
             [0, 1], probabilities not summing to 1 when ``kind`` needs it, or labels outside ``[0, C)``.
     """
-    n_bins = check_n_bins(n_bins)
-    check_choice("kind", kind, KINDS)
-    check_choice("norm", norm, NORMS)
+    n_bins = check_number("n_bins", n_bins, low=1, integer=True, where="expected_calibration_error")
+    check_choice("kind", kind, KINDS, where="expected_calibration_error")
+    check_choice("norm", norm, NORMS, where="expected_calibration_error")
     inputs = prepare_inputs(probs, target, mask, simplex=kind == "top_label")
     if kind == "top_label":
         sums = top_label_bin_sums(inputs, n_bins)
@@ -310,6 +332,6 @@ def nll(probs: Tensor, target: Tensor, *, mask: Tensor | None = None, eps: float
     Raises:
         ValueError: on bad inputs (see :func:`expected_calibration_error`) or ``eps`` outside (0, 1).
     """
-    eps = _check_eps(eps)
+    eps = check_number("eps", eps, low=0, high=1, low_inclusive=False, high_inclusive=False, where="nll")
     inputs = prepare_inputs(probs, target, mask, simplex=True)
     return (nll_sums(inputs, eps) / voxel_counts(inputs)).to(inputs.probs.dtype)

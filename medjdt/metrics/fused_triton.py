@@ -9,16 +9,16 @@ bins. Each program then adds every sum to the output with one atomic add, so the
 number of programs, not of voxels.
 
 The hard counts come out as the histograms the reference functions of :mod:`medjdt.metrics.overlap` build (the
-argmax confusion matrix and, with thresholds, the joint histogram of threshold levels of x and y per class) and
-turn into TP/FP/FN and the thresholded counts the same way.
+argmax confusion matrix and, with levels, the joint histogram of the number of levels below x and below y per
+class) and turn into TP/FP/FN and the thresholded counts the same way.
 
 Accuracy: float sums are float32 over one program's ``_BLOCK * _ITERS`` voxels (a tree sum per block, then a
 running sum over the blocks: relative error below ~2e-6 in the worst case, ~1e-7 typically) and float64 from
 there (float64 atomics); counts are exact (int32 per program, float64 outputs, exact to 2**53 voxels). The
 order of the atomic adds varies, so float sums may differ in the last bits from run to run (counts never do).
 
-Nothing here synchronises with the host: the outputs are one zero-initialised float64 buffer, the thresholds a
-device tensor cached per (thresholds, device), and the grid depends on shapes only.
+Nothing here synchronises with the host: the outputs are one zero-initialised float64 buffer, the levels a
+device tensor cached per (levels, device), and the grid depends on shapes only.
 
 Triton is optional (``pip install triton``; CUDA builds of torch ship it); the kernel needs ``tl.histogram``
 with a ``mask`` (Triton 3.4 or later, see :func:`triton_supports`). With ``TRITON_INTERPRET=1`` set before first
@@ -36,10 +36,10 @@ import torch
 from torch import Tensor
 
 from medjdt.losses.fused_triton import triton_available
-from medjdt.metrics._checks import MetricInputs, check_n_bins, check_thresholds
-from medjdt.metrics.calibration import _check_eps
-from medjdt.metrics.fused import VoxelSums
-from medjdt.metrics.overlap import OverlapSums, threshold_counts_from_histogram
+from medjdt.metrics._checks import MetricInputs, check_levels
+from medjdt.metrics._sums import VoxelSums
+from medjdt.metrics.overlap import OverlapSums, resolve_levels, threshold_counts_from_histogram
+from medjdt.validation import check_number
 
 __all__ = ["triton_supports", "triton_voxel_sums"]
 
@@ -49,14 +49,14 @@ __all__ = ["triton_supports", "triton_voxel_sums"]
 _BLOCK = 128
 _ITERS = 16
 _NUM_WARPS = 4
-# The kernel unrolls its loops over the classes and thresholds and keeps a (C, C) confusion and (C, L * L) level
+# The kernel unrolls its loops over the classes and levels and keeps a (C, C) confusion and (C, L * L) band
 # histograms on chip; beyond these sizes voxel_sums' torch code is the better tool.
 _MAX_CLASSES = 16
-_MAX_THRESHOLDS = 15
+_MAX_LEVELS = 15
 _PROBS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LABEL_DTYPES = (torch.int64, torch.int32)
 
-_THRESHOLDS: dict[tuple, Tensor] = {}
+_LEVELS_ON: dict[tuple, Tensor] = {}
 
 
 @functools.cache
@@ -69,17 +69,20 @@ def _triton_has_masked_histogram() -> bool:
     return "mask" in inspect.signature(tl.histogram).parameters
 
 
-def triton_supports(inputs: MetricInputs, thresholds: Sequence[float] = ()) -> bool:
+def triton_supports(
+    inputs: MetricInputs, levels: Sequence[float] = (), *, thresholds: Sequence[float] | None = None
+) -> bool:
     """Whether :func:`triton_voxel_sums` can take these inputs: Triton >= 3.4 is installed, probs ``(B, C, N)``
     and a soft reference are float32/float16/bfloat16 (not float64), C <= ``_MAX_CLASSES`` and at most
-    ``_MAX_THRESHOLDS`` thresholds. Reads no tensor values."""
+    ``_MAX_LEVELS`` levels (``thresholds``: their deprecated name). Reads no tensor values."""
+    levels = resolve_levels("triton_supports", levels, thresholds, default=())
     probs, target = inputs.probs, inputs.target
     return (
         probs.dtype in _PROBS_DTYPES
         and (target.dtype in _PROBS_DTYPES if inputs.soft else target.dtype in _LABEL_DTYPES)
         and probs.ndim == 3
         and probs.shape[1] <= _MAX_CLASSES
-        and len(thresholds) <= _MAX_THRESHOLDS
+        and len(levels) <= _MAX_LEVELS
         and _triton_has_masked_histogram()
     )
 
@@ -98,14 +101,14 @@ def _kernel():
     return triton, voxel_sums_kernel
 
 
-def _thresholds_on(thresholds: tuple[float, ...], device: torch.device) -> Tensor:
-    """float32 thresholds on ``device``, cached: a host-to-device copy on every batch would synchronise."""
-    key = (thresholds, device)
-    if key not in _THRESHOLDS:
-        if len(_THRESHOLDS) > 64:
-            _THRESHOLDS.clear()
-        _THRESHOLDS[key] = torch.tensor(thresholds, dtype=torch.float32).to(device)
-    return _THRESHOLDS[key]
+def _levels_on(levels: tuple[float, ...], device: torch.device) -> Tensor:
+    """float32 levels on ``device``, cached: a host-to-device copy on every batch would synchronise."""
+    key = (levels, device)
+    if key not in _LEVELS_ON:
+        if len(_LEVELS_ON) > 64:
+            _LEVELS_ON.clear()
+        _LEVELS_ON[key] = torch.tensor(levels, dtype=torch.float32).to(device)
+    return _LEVELS_ON[key]
 
 
 def _check_inputs(inputs: MetricInputs) -> None:
@@ -153,9 +156,10 @@ def triton_voxel_sums(
     *,
     n_bins: int | None = None,
     overlap: bool = False,
-    thresholds: Sequence[float] = (),
+    levels: Sequence[float] = (),
     eps: float = 1e-7,
     unchecked: bool = False,
+    thresholds: Sequence[float] | None = None,
 ) -> VoxelSums:
     """Calibration sums (when ``n_bins`` is given) and overlap sums (when ``overlap``) in one Triton kernel.
 
@@ -170,14 +174,15 @@ def triton_voxel_sums(
         n_bins: number of calibration bins M; None skips the calibration sums (top-label and classwise bins,
             squared error, NLL).
         overlap: compute the overlap sums (argmax TP/FP/FN, |x|_1, |y|_1, |x - y|_1, threshold counts).
-        thresholds: strictly increasing thresholds in (0, 1) of the thresholded Dice (with ``overlap``); empty
-            gives ``thr_*`` with T = 0 entries.
+        levels: strictly increasing levels in (0, 1) of the thresholded Dice (with ``overlap``); empty gives
+            ``thr_*`` with T = 0 entries.
         eps: floor of the probabilities inside the log of the NLL, in (0, 1).
         unchecked: the values of ``inputs`` have not been checked yet (``prepare_inputs(defer=True)``). Accepted
             for parity with :func:`~medjdt.metrics.fused.voxel_sums`; the kernel always clamps every histogram
             key into range (the bin of NaN or of a value outside [0, 1] becomes an edge bin, a label outside
             [0, C) the nearest class), so bad values give wrong sums, which the pending check reports, but never
             an out-of-range index.
+        thresholds: deprecated name of ``levels``.
 
     Returns:
         :class:`~medjdt.metrics.fused.VoxelSums` (float64): ``top_label`` ``(3, B, M)``, ``classwise``
@@ -186,42 +191,44 @@ def triton_voxel_sums(
 
     Raises:
         ValueError: on shapes, dtypes or devices the kernel cannot read, more than ``_MAX_CLASSES`` classes or
-            ``_MAX_THRESHOLDS`` thresholds (see :func:`triton_supports`), ``n_bins < 1``, bad thresholds or
-            ``eps`` outside (0, 1).
+            ``_MAX_LEVELS`` levels (see :func:`triton_supports`), ``n_bins < 1``, bad levels, ``eps`` outside
+            (0, 1), or both ``levels`` and ``thresholds``.
         ModuleNotFoundError: when Triton is missing or older than 3.4.
     """
+    where = "triton_voxel_sums"
+    levels = resolve_levels(where, levels, thresholds, default=())
     if n_bins is not None:
-        n_bins = check_n_bins(n_bins)
-    eps = _check_eps(eps)
-    thresholds = check_thresholds(thresholds) if overlap and len(thresholds) else ()
-    if len(thresholds) > _MAX_THRESHOLDS:
+        n_bins = check_number("n_bins", n_bins, low=1, integer=True, where=where)
+    eps = check_number("eps", eps, low=0, high=1, low_inclusive=False, high_inclusive=False, where=where)
+    levels = check_levels(levels, where=where) if overlap and len(levels) else ()
+    if len(levels) > _MAX_LEVELS:
         raise ValueError(
-            f"at most {_MAX_THRESHOLDS} thresholds, got {len(thresholds)}; use medjdt.metrics.fused.voxel_sums."
+            f"{where}: at most {_MAX_LEVELS} levels, got {len(levels)}; use medjdt.metrics.fused.voxel_sums"
         )
     _check_inputs(inputs)
     if n_bins is None and not overlap:
-        return VoxelSums(top_label=None, classwise=None, squared_error=None, nll=None, overlap=None)
+        return VoxelSums.nothing()
     triton, kernel = _kernel()
 
     probs, target, mask = inputs.probs.contiguous(), inputs.target.contiguous(), inputs.mask
     mask = None if mask is None else mask.contiguous().view(torch.uint8)
     batch, channels, n_voxels = probs.shape
-    bins, levels = n_bins or 0, len(thresholds) + 1
+    bins, bands = n_bins or 0, len(levels) + 1
     sizes = (3 * batch * bins, 3 * batch * channels * bins, 2 * batch, batch * channels * channels,
-             3 * batch * channels, batch * channels * levels * levels)  # fmt: skip
+             3 * batch * channels, batch * channels * bands * bands)  # fmt: skip
     out = torch.zeros(sum(sizes), dtype=torch.float64, device=probs.device)
     top, classwise, image, confusion, masses, histogram = out.split(sizes)
-    threshold_values = _thresholds_on(thresholds, probs.device) if thresholds else out
+    level_values = _levels_on(levels, probs.device) if levels else out
 
     grid = (triton.cdiv(n_voxels, _BLOCK * _ITERS), batch)
     kernel[grid](
-        probs, target, probs if mask is None else mask, threshold_values,
+        probs, target, probs if mask is None else mask, level_values,
         top, classwise, image, confusion, masses, histogram,
         n_voxels, batch, max(bins, 1), eps,
         C=channels, SOFT=inputs.soft, HAS_MASK=mask is not None, CALIBRATION=n_bins is not None,
-        OVERLAP=overlap, N_THR=len(thresholds),
+        OVERLAP=overlap, N_THR=len(levels),
         C_PAD=triton.next_power_of_2(channels), M_PAD=triton.next_power_of_2(max(bins, 1)),
-        CC_PAD=triton.next_power_of_2(channels * channels), LL_PAD=triton.next_power_of_2(levels * levels),
+        CC_PAD=triton.next_power_of_2(channels * channels), LL_PAD=triton.next_power_of_2(bands * bands),
         BLOCK=_BLOCK, ITERS=_ITERS, num_warps=_NUM_WARPS,
     )  # fmt: skip
 
@@ -238,7 +245,7 @@ def triton_voxel_sums(
         confusion = confusion.view(batch, channels, channels)  # [b, predicted, reference]
         tp = confusion.diagonal(dim1=-2, dim2=-1)
         pred_mass, ref_mass, abs_diff = masses.view(3, batch, channels)
-        thr_tp, thr_pred, thr_ref = threshold_counts_from_histogram(histogram.view(batch, channels, levels, levels))
+        thr_tp, thr_pred, thr_ref = threshold_counts_from_histogram(histogram.view(batch, channels, bands, bands))
         overlap_sums = OverlapSums(
             tp, confusion.sum(-1) - tp, confusion.sum(-2) - tp, pred_mass, ref_mass, abs_diff, thr_tp, thr_pred, thr_ref
         )

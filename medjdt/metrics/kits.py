@@ -20,12 +20,13 @@ so a 512 x 512 x 600 volume with a small tumour costs about as much as the tumou
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from medjdt.validation import check_choice, check_number
 
 __all__ = [
     "KITS_LABELS",
@@ -72,8 +73,7 @@ def kits_region_masks(labels: np.ndarray | torch.Tensor, region: str) -> np.ndar
     Raises:
         ValueError: if ``region`` is not a KiTS region, or ``labels`` is not an integer array or tensor.
     """
-    if region not in KITS_REGIONS:
-        raise ValueError(f"region must be one of {list(KITS_REGIONS)}, got {region!r}.")
+    check_choice("region", region, tuple(KITS_REGIONS), where="kits_region_masks")
     _check_integer_labels(labels, "labels")
     members = KITS_REGIONS[region]
     mask = labels == members[0]
@@ -111,8 +111,8 @@ def kits_region_scores(
         if mask.dtype != np.bool_:
             raise ValueError(f"{name} must be a bool mask, got dtype {mask.dtype}.")
     _check_shapes(pred, ref, "prediction_mask", "reference_mask")
-    spacing_mm = _check_spacing(spacing)
-    tolerance = _check_tolerance(tolerance_mm)
+    spacing_mm = _check_spacing(spacing, "kits_region_scores")
+    tolerance = check_number("tolerance_mm", tolerance_mm, low=0, where="kits_region_scores")
     return _region_scores(pred, ref, spacing_mm, tolerance)
 
 
@@ -145,7 +145,7 @@ def kits_scores(
     _check_shapes(pred, ref, "prediction", "reference")
     for name, labels in (("prediction", pred), ("reference", ref)):
         _check_label_values(labels, name)
-    spacing_mm = _check_spacing(spacing)
+    spacing_mm = _check_spacing(spacing, "kits_scores")
 
     # Every region lies inside the union of the non-background voxels: crop once to it, then per region.
     box = _bounding_box((pred != 0) | (ref != 0))
@@ -258,21 +258,14 @@ def _check_label_values(labels: np.ndarray, name: str) -> None:
     )
 
 
-def _check_spacing(spacing: object) -> list[float]:
+def _check_spacing(spacing: object, where: str) -> list[float]:
+    """``spacing`` as 3 floats after checking that it holds one finite positive number per array axis."""
     try:
         values = np.asarray(spacing.detach().cpu() if isinstance(spacing, torch.Tensor) else spacing, dtype=float)
     except (TypeError, ValueError):
-        raise ValueError(f"spacing must be 3 positive numbers in mm, got {spacing!r}.") from None
-    if values.shape != (3,) or not np.all(np.isfinite(values)) or not np.all(values > 0):
-        raise ValueError(f"spacing must be 3 finite positive numbers in mm (one per array axis), got {spacing!r}.")
-    return [float(v) for v in values]
-
-
-def _check_tolerance(tolerance_mm: object) -> float:
-    try:
-        tolerance = float(tolerance_mm)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm!r}.") from None
-    if not math.isfinite(tolerance) or tolerance < 0:
-        raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm!r}.")
-    return tolerance
+        raise ValueError(f"{where}: spacing must be 3 positive numbers in mm, got {spacing!r}") from None
+    if values.shape != (3,):
+        raise ValueError(f"{where}: spacing must be 3 numbers in mm (one per array axis), got {spacing!r}")
+    return [
+        check_number(f"spacing[{i}]", float(v), low=0, low_inclusive=False, where=where) for i, v in enumerate(values)
+    ]

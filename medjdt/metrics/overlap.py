@@ -14,7 +14,14 @@ prediction has the class, and the ``empty`` rule when it has not.
 "Both empty" rule (``empty``): when prediction and reference are both empty (the denominator is 0) the score is
 undefined. ``"nan"`` (default) reports NaN so the pair is left out of every mean; ``"one"`` counts it as perfect
 agreement (MONAI's ``DiceMetric(ignore_empty=False)``); ``"zero"`` counts it as a miss. Under ``absent="exclude"``
-it only concerns the thresholded Dice at a threshold where the reference of a present class is empty.
+it only concerns the thresholded Dice at a level where the reference of a present class is empty.
+
+Two words: ``threshold`` (of :func:`dice` and :func:`iou`) is one cut that binarises the probabilities instead of
+the argmax; ``levels`` (of :func:`thresholded_dice`, QUBIQ) is the list of cuts at which prediction and reference
+are both binarised, one Dice per level, then averaged.
+
+``include_background`` defaults to False for every overlap metric, functional and streaming: class 0 is
+background, whose overlap is large and uninformative, so only the foreground classes are scored.
 
 Hard overlap with a soft reference uses the reference's argmax (the majority class of the raters; ties go to the
 lower class index, so a 50/50 vote is background in the binary case).
@@ -22,6 +29,7 @@ lower class index, so a 50/50 vote is background in the binary case).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -29,11 +37,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from medjdt._deprecation import renamed_argument
 from medjdt.metrics._argmax import class_max
 from medjdt.metrics._binning import grouped_sums
-from medjdt.metrics._checks import MetricInputs, check_choice, check_thresholds, prepare_inputs
+from medjdt.metrics._checks import MetricInputs, check_levels, prepare_inputs
+from medjdt.validation import check_choice, check_number
 
-__all__ = ["ABSENT_RULES", "QUBIQ_THRESHOLDS", "dice", "iou", "soft_dice", "thresholded_dice"]
+__all__ = ["ABSENT_RULES", "QUBIQ_LEVELS", "dice", "iou", "soft_dice", "thresholded_dice"]
 
 EmptyRule = Literal["nan", "one", "zero"]
 EMPTY_RULES = ("nan", "one", "zero")
@@ -41,7 +51,38 @@ AbsentRule = Literal["exclude", "score"]
 ABSENT_RULES = ("exclude", "score")
 _EMPTY_VALUE = {"nan": float("nan"), "one": 1.0, "zero": 0.0}
 
-QUBIQ_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+QUBIQ_LEVELS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""The levels of the QUBIQ challenge's thresholded Dice."""
+
+
+def __getattr__(name: str) -> object:
+    if name == "QUBIQ_THRESHOLDS":  # the old name of QUBIQ_LEVELS, kept for one release
+        warnings.warn("QUBIQ_THRESHOLDS is deprecated; use QUBIQ_LEVELS", FutureWarning, stacklevel=2)
+        return QUBIQ_LEVELS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def resolve_levels(
+    where: str,
+    levels: Sequence[float],
+    thresholds: Sequence[float] | None,
+    default: Sequence[float] = QUBIQ_LEVELS,
+    *,
+    stacklevel: int = 4,
+) -> Sequence[float]:
+    """``levels``, or the deprecated ``thresholds`` (with a ``FutureWarning``) when only that was given.
+
+    ``levels`` equal to ``default`` counts as not given (a config loader passes the defaults too). ``stacklevel``
+    counts from here: 4 points at the caller of the function that calls this one.
+
+    Raises:
+        ValueError: both were given.
+    """
+    try:
+        given = tuple(levels) != tuple(default)
+    except TypeError:  # not a sequence: given, and the check of the levels says what is wrong with it
+        given = True
+    return renamed_argument(where, "thresholds", "levels", thresholds, levels, new_given=given, stacklevel=stacklevel)
 
 
 @dataclass(frozen=True)
@@ -51,7 +92,7 @@ class OverlapSums:
     Attributes:
         tp, fp, fn: ``(B, C)`` hard true positive, false positive and false negative voxel counts.
         pred_mass, ref_mass, abs_diff: ``(B, C)`` |x|_1, |y|_1 and |x - y|_1 of probabilities and reference.
-        thr_tp, thr_pred, thr_ref: ``(B, C, T)`` per threshold t: |{x > t} & {y > t}|, |{x > t}|, |{y > t}|.
+        thr_tp, thr_pred, thr_ref: ``(B, C, T)`` per level t: |{x > t} & {y > t}|, |{x > t}|, |{y > t}|.
     """
 
     tp: Tensor
@@ -85,7 +126,7 @@ def soft_dice_from_sums(pred_mass: Tensor, ref_mass: Tensor, abs_diff: Tensor, e
 
 
 def thresholded_dice_from_sums(thr_tp: Tensor, thr_pred: Tensor, thr_ref: Tensor, empty: str) -> Tensor:
-    """Dice at each threshold (last dim), then the mean over thresholds that are not NaN."""
+    """Dice at each level (last dim), then the mean over the levels where it is not NaN."""
     return ratio(2 * thr_tp, thr_pred + thr_ref, empty).nanmean(-1)
 
 
@@ -143,45 +184,57 @@ def soft_overlap_sums(inputs: MetricInputs) -> tuple[Tensor, Tensor, Tensor]:
     return pred_mass, ref_mass, pred_mass + ref_mass - 2 * overlap
 
 
-def threshold_counts(inputs: MetricInputs, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """Per image, class and threshold: |{x > t} & {y > t}|, |{x > t}|, |{y > t}|, float64 ``(B, C, T)`` each.
+def threshold_counts(inputs: MetricInputs, levels: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per image, class and level t: |{x > t} & {y > t}|, |{x > t}|, |{y > t}|, float64 ``(B, C, T)`` each.
 
-    One joint histogram of (number of thresholds below x, number below y) per image and class gives all three
-    counts for every threshold at once.
+    One joint histogram of (number of levels below x, number below y) per image and class gives all three
+    counts for every level at once.
     """
-    n_thr = len(thresholds)
-    levels = n_thr + 1
-    edges = torch.tensor(thresholds, dtype=inputs.probs.dtype, device=inputs.probs.device)
-    # bucketize(right=False) counts the edges strictly below the value: x > t_k  <=>  level(x) > k.
-    keys = torch.bucketize(inputs.probs, edges).mul_(levels)
+    n_levels = len(levels)
+    n_bands = n_levels + 1
+    edges = torch.tensor(levels, dtype=inputs.probs.dtype, device=inputs.probs.device)
+    # bucketize(right=False) counts the edges strictly below the value: x > t_k  <=>  band(x) > k.
+    keys = torch.bucketize(inputs.probs, edges).mul_(n_bands)
     if inputs.soft:
         keys += torch.bucketize(inputs.target, edges)
     else:
-        # A one-hot 1 is above every threshold: the labelled class gets reference level n_thr, the others 0.
-        label_level = torch.full((), n_thr, dtype=keys.dtype, device=keys.device)
-        keys.scatter_add_(1, inputs.target[:, None], label_level.expand(keys.shape[0], 1, keys.shape[2]))
+        # A one-hot 1 is above every level: the labelled class gets reference band n_levels, the others 0.
+        label_band = torch.full((), n_levels, dtype=keys.dtype, device=keys.device)
+        keys.scatter_add_(1, inputs.target[:, None], label_band.expand(keys.shape[0], 1, keys.shape[2]))
     valid = None if inputs.mask is None else inputs.mask[:, None]
-    hist = grouped_sums(keys, levels * levels, valid=valid)[0].unflatten(-1, (levels, levels))
+    hist = grouped_sums(keys, n_bands * n_bands, valid=valid)[0].unflatten(-1, (n_bands, n_bands))
     return threshold_counts_from_histogram(hist)
 
 
 def threshold_counts_from_histogram(hist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The three counts of :func:`threshold_counts` from the joint level histogram ``(..., T + 1, T + 1)``.
+    """The three counts of :func:`threshold_counts` from the joint band histogram ``(..., T + 1, T + 1)``.
 
-    ``hist[..., i, j]`` counts the voxels with i thresholds below x and j thresholds below y.
+    ``hist[..., i, j]`` counts the voxels with i levels below x and j levels below y.
     """
-    levels = hist.shape[-1]
-    # tail[i, j] = number of voxels with pred level >= i and ref level >= j
+    n_bands = hist.shape[-1]
+    # tail[i, j] = number of voxels with pred band >= i and ref band >= j
     tail = hist.flip(-2, -1).cumsum(-2).cumsum(-1).flip(-2, -1)
-    above = torch.arange(1, levels, device=hist.device)
+    above = torch.arange(1, n_bands, device=hist.device)
     return tail[..., above, above], tail[..., above, 0], tail[..., 0, above]
 
 
-def overlap_sums(inputs: MetricInputs, thresholds: Sequence[float] = QUBIQ_THRESHOLDS) -> OverlapSums:
-    """All overlap sufficient statistics of one batch (argmax prediction for the hard counts)."""
+def overlap_sums(
+    inputs: MetricInputs, levels: Sequence[float] = QUBIQ_LEVELS, *, thresholds: Sequence[float] | None = None
+) -> OverlapSums:
+    """All overlap sufficient statistics of one batch (argmax prediction for the hard counts).
+
+    Args:
+        inputs: validated inputs from :func:`~medjdt.metrics._checks.prepare_inputs`.
+        levels: the levels of the thresholded Dice counts (default: the QUBIQ levels).
+        thresholds: deprecated name of ``levels``.
+
+    Returns:
+        :class:`OverlapSums` with ``(B, C)`` and ``(B, C, T)`` fields.
+    """
+    levels = resolve_levels("overlap_sums", levels, thresholds)
     tp, fp, fn = confusion_counts(inputs)
     pred_mass, ref_mass, abs_diff = soft_overlap_sums(inputs)
-    thr_tp, thr_pred, thr_ref = threshold_counts(inputs, thresholds)
+    thr_tp, thr_pred, thr_ref = threshold_counts(inputs, levels)
     return OverlapSums(tp, fp, fn, pred_mass, ref_mass, abs_diff, thr_tp, thr_pred, thr_ref)
 
 
@@ -192,17 +245,18 @@ def _masked_sum(values: Tensor, valid: Tensor | None) -> Tensor:
     return values.sum(-1).double()
 
 
-def _prepare(probs, target, mask, include_background, empty, absent) -> tuple[MetricInputs, slice]:
-    check_choice("empty", empty, EMPTY_RULES)
-    check_choice("absent", absent, ABSENT_RULES)
+def _prepare(where, probs, target, mask, include_background, empty, absent) -> tuple[MetricInputs, slice]:
+    check_choice("empty", empty, EMPTY_RULES, where=where)
+    check_choice("absent", absent, ABSENT_RULES, where=where)
     inputs = prepare_inputs(probs, target, mask, simplex=False)
     return inputs, slice(None) if include_background else slice(1, None)
 
 
-def _check_threshold(threshold: float | None) -> float | None:
-    if threshold is not None and not 0 <= threshold < 1:
-        raise ValueError(f"threshold must be None (argmax) or in [0, 1), got {threshold!r}.")
-    return threshold
+def _check_threshold(threshold: float | None, where: str) -> float | None:
+    """None (argmax), or the cut as a float in [0, 1)."""
+    if threshold is None:
+        return None
+    return check_number("threshold", threshold, low=0, high=1, high_inclusive=False, where=where)
 
 
 @torch.no_grad()
@@ -224,7 +278,8 @@ def dice(
         mask: optional ``(B, *spatial)`` bool; False voxels are excluded.
         threshold: None binarises by argmax over classes; a float t in [0, 1) predicts class c where p_c > t
             (multi-label style, classes may overlap).
-        include_background: False (default) drops class 0 from the output.
+        include_background: False (default) scores the foreground classes only (class 0 is background, see the
+            module docstring); True keeps class 0.
         empty: rule for a class empty in both prediction and reference: ``"nan"``, ``"one"`` or ``"zero"``.
         absent: ``"exclude"`` (NaN for a class with no reference voxel) or ``"score"`` (see the module docstring).
 
@@ -235,8 +290,8 @@ def dice(
         ValueError: on shape/dtype mismatch, NaN, values outside [0, 1], labels outside ``[0, C)``, bad mask,
             unknown ``empty`` rule or threshold outside [0, 1).
     """
-    inputs, classes = _prepare(probs, target, mask, include_background, empty, absent)
-    tp, fp, fn = confusion_counts(inputs, _check_threshold(threshold))
+    inputs, classes = _prepare("dice", probs, target, mask, include_background, empty, absent)
+    tp, fp, fn = confusion_counts(inputs, _check_threshold(threshold, "dice"))
     scores = exclude_absent(dice_from_sums(tp, fp, fn, empty), tp + fn, absent)
     return scores[:, classes].to(inputs.probs.dtype)
 
@@ -256,8 +311,8 @@ def iou(
 
     Arguments, return shape and errors as in :func:`dice`.
     """
-    inputs, classes = _prepare(probs, target, mask, include_background, empty, absent)
-    tp, fp, fn = confusion_counts(inputs, _check_threshold(threshold))
+    inputs, classes = _prepare("iou", probs, target, mask, include_background, empty, absent)
+    tp, fp, fn = confusion_counts(inputs, _check_threshold(threshold, "iou"))
     scores = exclude_absent(iou_from_sums(tp, fp, fn, empty), tp + fn, absent)
     return scores[:, classes].to(inputs.probs.dtype)
 
@@ -281,7 +336,7 @@ def soft_dice(
         probs: ``(B, C, *spatial)`` probabilities.
         target: hard labels ``(B, *spatial)`` (one-hot) or soft reference ``(B, C, *spatial)``.
         mask: optional ``(B, *spatial)`` bool; False voxels are excluded.
-        include_background: False (default) drops class 0 from the output.
+        include_background: False (default) scores the foreground classes only; True keeps class 0.
         empty: rule when |x|_1 + |y|_1 = 0: ``"nan"``, ``"one"`` or ``"zero"``.
         absent: ``"exclude"`` (NaN for a class with zero reference mass) or ``"score"``.
 
@@ -291,7 +346,7 @@ def soft_dice(
     Raises:
         ValueError: as :func:`dice`.
     """
-    inputs, classes = _prepare(probs, target, mask, include_background, empty, absent)
+    inputs, classes = _prepare("soft_dice", probs, target, mask, include_background, empty, absent)
     pred_mass, ref_mass, abs_diff = soft_overlap_sums(inputs)
     scores = exclude_absent(soft_dice_from_sums(pred_mass, ref_mass, abs_diff, empty), ref_mass, absent)
     return scores[:, classes].to(inputs.probs.dtype)
@@ -303,36 +358,40 @@ def thresholded_dice(
     target: Tensor,
     *,
     mask: Tensor | None = None,
-    thresholds: Sequence[float] = QUBIQ_THRESHOLDS,
+    levels: Sequence[float] = QUBIQ_LEVELS,
     include_background: bool = False,
     empty: EmptyRule = "nan",
     absent: AbsentRule = "exclude",
+    thresholds: Sequence[float] | None = None,
 ) -> Tensor:
     """Per-image, per-class QUBIQ thresholded Dice.
 
-    For each threshold t, prediction and reference are binarised as ``x > t`` and ``y > t`` and their Dice is
-    computed; the result is the mean over thresholds. With ``empty="nan"`` a threshold at which both masks are
-    empty is left out of that mean (NaN only if all thresholds are empty). A hard (one-hot) reference gives the
-    same mask at every threshold.
+    For each level t, prediction and reference are binarised as ``x > t`` and ``y > t`` and their Dice is
+    computed; the result is the mean over levels. With ``empty="nan"`` a level at which both masks are empty is
+    left out of that mean (NaN only if all levels are empty). A hard (one-hot) reference gives the same mask at
+    every level.
 
     Args:
         probs: ``(B, C, *spatial)`` probabilities.
         target: hard labels ``(B, *spatial)`` or soft reference ``(B, C, *spatial)`` (e.g. the rater average).
         mask: optional ``(B, *spatial)`` bool; False voxels are excluded.
-        thresholds: strictly increasing values in (0, 1); default (0.1, 0.2, ..., 0.9).
-        include_background: False (default) keeps the foreground classes only.
-        empty: rule for a threshold at which both masks are empty: ``"nan"``, ``"one"`` or ``"zero"``.
+        levels: strictly increasing values in (0, 1); default :data:`QUBIQ_LEVELS` (0.1, 0.2, ..., 0.9).
+        include_background: False (default) scores the foreground classes only; True keeps class 0.
+        empty: rule for a level at which both masks are empty: ``"nan"``, ``"one"`` or ``"zero"``.
         absent: ``"exclude"`` (NaN for a class with zero reference mass) or ``"score"``.
+        thresholds: deprecated name of ``levels`` (a ``FutureWarning``; giving both is an error).
 
     Returns:
         ``(B, C')`` in the working dtype.
 
     Raises:
-        ValueError: as :func:`dice`, or for thresholds that are not strictly increasing inside (0, 1).
+        ValueError: as :func:`dice`, for levels that are not strictly increasing inside (0, 1), or when both
+            ``levels`` and ``thresholds`` are given.
     """
-    thresholds = check_thresholds(thresholds)
-    inputs, classes = _prepare(probs, target, mask, include_background, empty, absent)
-    thr_tp, thr_pred, thr_ref = threshold_counts(inputs, thresholds)
+    levels = resolve_levels("thresholded_dice", levels, thresholds, stacklevel=5)  # 5: past torch.no_grad
+    levels = check_levels(levels, where="thresholded_dice")
+    inputs, classes = _prepare("thresholded_dice", probs, target, mask, include_background, empty, absent)
+    thr_tp, thr_pred, thr_ref = threshold_counts(inputs, levels)
     _, ref_mass, _ = soft_overlap_sums(inputs)
     scores = exclude_absent(thresholded_dice_from_sums(thr_tp, thr_pred, thr_ref, empty), ref_mass, absent)
     return scores[:, classes].to(inputs.probs.dtype)

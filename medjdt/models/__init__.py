@@ -1,7 +1,8 @@
 """Networks and the Lightning module: :class:`SegmentationModule`, :func:`build_network`,
-:func:`load_teacher`, :class:`NiftiPredictionWriter`, :class:`SemiSupervisedModule`,
-:class:`LastCheckpoint`, :class:`StopOnSignal`."""
+:func:`load_teacher`, :class:`SemiSupervisedModule`; the callbacks that write a run's files:
+:class:`EvaluationTables`, :class:`NiftiPredictionWriter`, :class:`LastCheckpoint`, :class:`StopOnSignal`."""
 
+from medjdt.models.evaluation_tables import EvaluationTables
 from medjdt.models.last_checkpoint import LastCheckpoint
 from medjdt.models.module import SegmentationModule
 from medjdt.models.networks import build_network, deep_supervision_heads, network_channels
@@ -18,6 +19,7 @@ __all__ = [
     "deep_supervision_heads",
     "network_channels",
     "NiftiPredictionWriter",
+    "EvaluationTables",
     "TeacherSpec",
     "load_teacher",
     "LastCheckpoint",

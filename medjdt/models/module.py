@@ -20,45 +20,41 @@ from the reference is left out, see :mod:`medjdt.metrics.overlap`):
     ``ece_majority``, ``brier_majority``: calibration against the majority vote.
     ``absent_fp_voxels``: voxels predicted as a class the majority vote lacks (mean per case).
     ``dice/<class>``, ``soft_dice/<class>``: per-class values (means over the cases where the class is present).
-At the end of each validation/test epoch ``<log_dir>/<stage>_per_case.csv`` holds one row per case with the same
-metrics per case (plus ``iou``, ``nll_majority``, per-class columns ``<metric>/<class>`` and ``n_voxels``), and
-``<stage>_reliability.csv`` the pooled reliability bins against the mean of the raters.
+The metric objects keep each evaluation's per-case values until the next one begins (:meth:`evaluation_metrics`);
+the callback :class:`~medjdt.models.EvaluationTables` writes them to ``<stage>_per_case.csv`` and
+``<stage>_reliability.csv``.
 Training logs ``train/loss`` and its parts (``train/ce``, ``train/jdt``, and the teacher terms).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
-import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
-from medjdt.data.atomic import atomic_write
-from medjdt.labels import fuse
-from medjdt.losses import DiceSemimetricLoss, SegmentationLoss, SoftTargetCrossEntropy
+from medjdt.labels import distillation_loss, fuse
+from medjdt.losses import DiceSemimetricLoss, SegmentationLoss
 from medjdt.metrics import SegmentationMetrics
 from medjdt.models.networks import build_network, deep_supervision_heads, network_channels
-from medjdt.models.schedules import Schedule, lr_factor
+from medjdt.models.schedules import SCHEDULES, Schedule, adamw_with_schedule
 from medjdt.models.specs import instantiate
 from medjdt.models.teacher import TeacherSpec, load_teacher
+from medjdt.validation import check_choice, check_number
 
 __all__ = ["SegmentationModule"]
+
+REFERENCES = ("majority", "mean")
+
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor view of a MONAI MetaTensor (its geometry metadata is not needed past the data module)."""
     return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
-
-
-def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False), suffix=".csv")
 
 
 class SegmentationModule(pl.LightningModule):
@@ -125,17 +121,20 @@ class SegmentationModule(pl.LightningModule):
                 "model.temperature 'auto' is resolved by medjdt validate/test/predict --ckpt_path (fitted on the "
                 "run's validation fold); give a number here, e.g. from medjdt.models.temperature.fit_temperature"
             )
-        if temperature is not None and not (math.isfinite(float(temperature)) and float(temperature) > 0):
-            raise ValueError(f"model.temperature must be a positive number, got {temperature!r}")
-        self.temperature = None if temperature is None else float(temperature)
+        self.temperature = (
+            None if temperature is None else check_number("model.temperature", temperature, low=0, low_inclusive=False)
+        )
+        check_number("model.lr", lr, low=0, low_inclusive=False)
+        check_number("model.weight_decay", weight_decay, low=0)
+        check_number("model.warmup_fraction", warmup_fraction, low=0, high=1, high_inclusive=False)
+        check_choice("model.schedule", schedule, SCHEDULES)
+        check_number("model.sw_batch_size", sw_batch_size, low=1, integer=True)
+        check_number("model.overlap", overlap, low=0, high=1, high_inclusive=False)
+        check_choice("model.blend_mode", blend_mode, ("gaussian", "constant"))
         self.network, network_spec = self._network_and_spec(network)
         self.in_channels, self.num_classes = self._channels(self.network, network_spec)
         if self.num_classes < 2:
             raise ValueError(f"network out_channels must be >= 2 (background + classes), got {self.num_classes}")
-        if not 0.0 <= overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-        if not 0.0 <= warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         if class_names is not None and len(class_names) != self.num_classes:
             raise ValueError(
                 f"network out_channels={self.num_classes} disagrees with the {len(class_names)} classes "
@@ -150,28 +149,29 @@ class SegmentationModule(pl.LightningModule):
             self.hparams.pop("jdt")  # a built loss is not pickled into the hyper-parameters
         self.loss = SegmentationLoss(ce_weight=ce_weight, jdt_weight=jdt_weight, jdt=jdt)
         self.teacher_spec = None if teacher is None else TeacherSpec.from_mapping(teacher)
-        if self.teacher_spec is not None:
-            self.hparams["teacher"] = asdict(self.teacher_spec)
         # The teacher is kept outside the module tree: it is frozen, not part of the student's checkpoint,
         # and moved to the student's device on first use.
         self._teacher: tuple[torch.nn.Module, ...] = ()
-        self._kd_ce: SoftTargetCrossEntropy | None = None
         if self.teacher_spec is not None:
+            self.hparams["teacher"] = asdict(self.teacher_spec)
+            if self.loss.jdt.activation != "softmax":
+                raise ValueError(
+                    f"model.teacher needs a JDT loss with softmax activation, got {self.loss.jdt.activation!r}"
+                )
             self._teacher = (load_teacher(self.teacher_spec.checkpoint, self.num_classes, self.in_channels),)
-            self._kd_ce = SoftTargetCrossEntropy()
-        self._metrics: dict[str, torch.nn.ModuleDict] = {}
         # {"stage", "epoch", "step"} of the latest validation or test (read by the command line's summary)
         self.last_evaluation: dict[str, Any] | None = None
-        for stage in ("val", "test"):
-            # one object per reference: calibration and overlap are summed in one pass over each volume
-            metrics = torch.nn.ModuleDict(
-                {
-                    reference: SegmentationMetrics(self.num_classes, n_bins=ece_bins, class_names=self.class_names)
-                    for reference in ("majority", "mean")
-                }
-            )
-            setattr(self, f"{stage}_metrics", metrics)
-            self._metrics[stage] = metrics
+        # one object per stage and reference: calibration and overlap are summed in one pass over each volume
+        self.val_metrics = self._metric_set(ece_bins)
+        self.test_metrics = self._metric_set(ece_bins)
+
+    def _metric_set(self, ece_bins: int) -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict(
+            {
+                reference: SegmentationMetrics(self.num_classes, n_bins=ece_bins, class_names=self.class_names)
+                for reference in REFERENCES
+            }
+        )
 
     def _network_and_spec(self, network: torch.nn.Module | Mapping[str, Any]) -> tuple[torch.nn.Module, Any]:
         """The network module and its ``class_path`` spec (None when only a built module was given).
@@ -254,23 +254,15 @@ class SegmentationModule(pl.LightningModule):
             total = total + w * head_total
         return total / sum(weights), parts
 
-    def _teacher_loss(
-        self, logits: torch.Tensor, image: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        spec = self.teacher_spec
+    def _teacher_loss(self, logits: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Distillation term of ``logits`` ``(B, C, *patch)`` against the frozen teacher on ``image``."""
         teacher = self._teacher[0]
         if next(teacher.parameters()).device != image.device:
             teacher.to(image.device)
         with torch.no_grad():
-            teacher_probs = torch.softmax(teacher(image).float() / spec.temperature, dim=1)
-        student = logits.float() / spec.temperature
-        # KL(teacher || student) = CE(teacher, student) - H(teacher); the entropy term has no gradient.
-        ce = self._kd_ce(student, teacher_probs)
-        entropy = -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(1).mean()
-        kl = ce - entropy
-        jdt = self.loss.jdt(student, teacher_probs)
-        total = spec.temperature**2 * kl + jdt
-        return total, {"kd_kl": kl.detach(), "kd_jdt": jdt.detach()}
+            teacher_logits = teacher(image)
+        total, parts = distillation_loss(logits, teacher_logits, self.loss.jdt, self.teacher_spec.temperature)
+        return total, {"kd_kl": parts["kl"], "kd_jdt": parts["jdt"]}
 
     def _labelled_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss on a labelled batch ``{"image": (B, K, *patch), "label": (B, C, *patch)}`` and its logged parts."""
@@ -295,6 +287,12 @@ class SegmentationModule(pl.LightningModule):
         return loss
 
     # ------------------------------------------------------------------ validation / test
+    def evaluation_metrics(self, stage: str) -> Mapping[str, SegmentationMetrics]:
+        """The metrics of ``stage`` (``"val"`` or ``"test"``) against each reference: ``{"majority": ...,
+        "mean": ...}``. They hold the latest evaluation of that stage until the next one begins (read by
+        :class:`~medjdt.models.EvaluationTables` when an evaluation ends)."""
+        return {"val": self.val_metrics, "test": self.test_metrics}[check_choice("stage", stage, ("val", "test"))]
+
     def _references(self, raters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean soft reference ``(1, C, *spatial)`` and majority hard reference ``(1, *spatial)`` of ``(R, *sp)``."""
         soft = fuse(raters, "mean", self.num_classes).to(raters.device)
@@ -307,7 +305,7 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError(f"{stage} batches must hold one whole volume, got image {tuple(image.shape)}")
         probs = self.infer(_plain(image))
         soft, hard = self._references(_plain(raters)[0].long())
-        metrics = self._metrics[stage]
+        metrics = self.evaluation_metrics(stage)
         metrics["majority"].update(probs, hard, case_ids=case_ids)
         metrics["mean"].update(probs, soft, case_ids=case_ids)
 
@@ -318,8 +316,8 @@ class SegmentationModule(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def _summary(self, stage: str) -> dict[str, torch.Tensor]:
-        hard = self._metrics[stage]["majority"].compute()
-        soft = self._metrics[stage]["mean"].compute()
+        hard = self.evaluation_metrics(stage)["majority"].compute()
+        soft = self.evaluation_metrics(stage)["mean"].compute()
         out = {
             "dice": hard["dice"],
             "iou": hard["iou"],
@@ -340,48 +338,27 @@ class SegmentationModule(pl.LightningModule):
             out[f"soft_dice/{name}"] = soft[f"soft_dice/{name}"]
         return out
 
-    # Per-case CSV columns: (reference, column prefix in its per_case() frame, suffix in the CSV).
-    _CASE_COLUMNS = (
-        ("majority", ("n_voxels", "dice", "iou", "absent_fp_voxels"), ""),
-        ("mean", ("soft_dice", "thresholded_dice", "ece", "ece_classwise", "brier", "nll"), ""),
-        ("majority", ("ece", "brier", "nll"), "_majority"),
-    )
-
-    def _per_case(self, stage: str) -> pd.DataFrame:
-        """One row per case: the logged metrics (same names, see the module docstring) per case and class."""
-        frames = {key: metric.per_case().set_index("case_id") for key, metric in self._metrics[stage].items()}
-        columns = {}
-        for key, prefixes, suffix in self._CASE_COLUMNS:
-            frame = frames[key]
-            for column in frame.columns:
-                head, _, cls = column.partition("/")
-                if head in prefixes:
-                    columns[f"{head}{suffix}" + (f"/{cls}" if cls else "")] = frame[column]
-        return pd.DataFrame(columns).rename_axis("case_id").reset_index().sort_values("case_id")
+    def _start_of_evaluation(self, stage: str) -> None:
+        for metric in self.evaluation_metrics(stage).values():
+            metric.reset()
 
     def _end_of_evaluation(self, stage: str) -> None:
-        summary = self._summary(stage)
-        for name, value in summary.items():
+        for name, value in self._summary(stage).items():
             main = name in ("dice", "soft_dice", "ece", "brier")
             self.log(f"{stage}/{name}", value, prog_bar=main, sync_dist=False, rank_zero_only=False)
-        frame = self._per_case(stage)
-        reliability = self._metrics[stage]["mean"].reliability()
-        trainer = self.trainer
-        if not trainer.sanity_checking:
+        if not self.trainer.sanity_checking:
             self.last_evaluation = {"stage": stage, "epoch": self.current_epoch, "step": self.global_step}
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if trainer.is_global_zero and log_dir and not trainer.sanity_checking:
-            _atomic_csv(frame, Path(log_dir) / f"{stage}_per_case.csv")
-            _atomic_csv(reliability, Path(log_dir) / f"{stage}_reliability.csv")
-        for metric in self._metrics[stage].values():
-            metric.reset()
 
     def on_train_epoch_end(self) -> None:
         # On an accelerator the losses check their inputs without waiting for the device and report a bad batch
         # (NaN logits, a soft target outside [0, 1]...) a few steps later; by the end of its epoch at the latest.
         self.loss.flush_checks()
-        if self._kd_ce is not None:
-            self._kd_ce.flush_checks()
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_of_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_of_evaluation("test")
 
     def on_validation_epoch_end(self) -> None:
         self._end_of_evaluation("val")
@@ -397,23 +374,18 @@ class SegmentationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            self.network.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        """AdamW with warm-up and ``schedule`` over the trainer's estimated optimiser steps (see
+        :func:`~medjdt.models.schedules.adamw_with_schedule`)."""
+        trainer = self._trainer
+        h = self.hparams
+        return adamw_with_schedule(
+            self.network.parameters(),
+            lr=h.lr,
+            weight_decay=h.weight_decay,
+            warmup_fraction=h.warmup_fraction,
+            schedule=h.schedule,
+            total_steps=float(trainer.estimated_stepping_batches) if trainer is not None else 1.0,
         )
-        estimated = float(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1.0
-        schedule = self.hparams.schedule
-        if not math.isfinite(estimated) and (schedule != "constant" or self.hparams.warmup_fraction > 0):
-            raise ValueError(
-                f"model.schedule {schedule!r} and model.warmup_fraction {self.hparams.warmup_fraction} need a finite "
-                "training length; set trainer.max_epochs or trainer.max_steps (or use a constant schedule without "
-                "warm-up)"
-            )
-        total = max(1, int(estimated)) if math.isfinite(estimated) else 1
-        warmup = int(self.hparams.warmup_fraction * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total, warmup, schedule)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @property
     def teacher(self) -> torch.nn.Module | None:

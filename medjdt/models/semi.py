@@ -8,8 +8,8 @@ hardened into a pseudo-mask; the student learns it with losses that are correct 
 
     unlabelled loss = T**2 * KL(p || q) + JDT(q, p),   p = softmax(teacher / T),  q = softmax(student / T)
 
-(the distillation loss of :class:`~medjdt.models.module.SegmentationModule`, with its configured JML/DML), over
-the voxels where the teacher is confident (optional). The training loss is
+(:func:`medjdt.labels.distillation_loss`, the distillation loss of :class:`~medjdt.models.module.SegmentationModule`,
+with its configured JML/DML), over the voxels where the teacher is confident (optional). The training loss is
 
     labelled loss + unlabelled_weight * rampup(epoch) * unlabelled loss
 
@@ -35,15 +35,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from medjdt.labels import teacher_targets
-from medjdt.losses import JDTLoss
+from medjdt.labels import distillation_loss
 from medjdt.models.module import SegmentationModule
 from medjdt.models.networks import deep_supervision_heads
+from medjdt.validation import check_choice, check_number
 
-__all__ = ["EMADecay", "MeanTeacherSpec", "SemiSupervisedModule", "consistency_loss", "sigmoid_rampup"]
+__all__ = ["EMADecay", "MeanTeacherSpec", "SemiSupervisedModule", "sigmoid_rampup"]
 
 EVALUATE = ("student", "teacher")
 
@@ -83,20 +82,16 @@ class MeanTeacherSpec:
         if unknown:
             raise ValueError(f"semi has unknown keys {sorted(unknown)}; expected {sorted(cls.__dataclass_fields__)}")
         out = cls(**spec)
-        checks = (
-            ("ema_decay", 0.0 <= out.ema_decay < 1.0, "in [0, 1)"),
-            ("temperature", out.temperature > 0, "> 0"),
-            ("unlabelled_weight", out.unlabelled_weight >= 0, ">= 0"),
-            ("rampup_epochs", out.rampup_epochs >= 0, ">= 0"),
-            ("confidence_threshold", 0.0 <= out.confidence_threshold < 1.0, "in [0, 1)"),
+        return cls(
+            ema_decay=check_number("semi.ema_decay", out.ema_decay, low=0, high=1, high_inclusive=False),
+            temperature=check_number("semi.temperature", out.temperature, low=0, low_inclusive=False),
+            unlabelled_weight=check_number("semi.unlabelled_weight", out.unlabelled_weight, low=0),
+            rampup_epochs=check_number("semi.rampup_epochs", out.rampup_epochs, low=0),
+            confidence_threshold=check_number(
+                "semi.confidence_threshold", out.confidence_threshold, low=0, high=1, high_inclusive=False
+            ),
+            evaluate=check_choice("semi.evaluate", out.evaluate, EVALUATE),
         )
-        for name, ok, rule in checks:
-            value = getattr(out, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok:
-                raise ValueError(f"semi.{name} must be a finite number {rule}, got {value!r}")
-        if out.evaluate not in EVALUATE:
-            raise ValueError(f"semi.evaluate must be one of {EVALUATE}, got {out.evaluate!r}")
-        return out
 
 
 def sigmoid_rampup(progress: float, length: float) -> float:
@@ -105,8 +100,7 @@ def sigmoid_rampup(progress: float, length: float) -> float:
     ``progress`` and ``length`` are in the same unit (epochs here). The factor is ``exp(-5)`` at the start and
     reaches 1 at ``progress = length``.
     """
-    if length < 0 or not math.isfinite(length):
-        raise ValueError(f"ramp-up length must be a finite number >= 0, got {length!r}")
+    length = check_number("length", length, low=0, where="sigmoid_rampup")
     if length == 0:
         return 1.0
     t = min(max(progress / length, 0.0), 1.0)
@@ -127,59 +121,6 @@ class EMADecay:
         decay = min(self.decay, 1.0 - 1.0 / (int(n_averaged) + 1))
         for avg, cur in zip(averaged, current, strict=True):
             avg.lerp_(cur, 1.0 - decay)
-
-
-def consistency_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    jdt: JDTLoss,
-    temperature: float = 1.0,
-    confidence_threshold: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Unlabelled loss of the student against the teacher's soft prediction.
-
-    ``T**2 * KL(p || q) + jdt(student_logits / T, p)`` with ``p = softmax(teacher_logits / T)`` (no gradient)
-    and ``q = softmax(student_logits / T)``; the KL is the mean over counted voxels of the per-voxel
-    divergence. With ``confidence_threshold > 0`` only voxels where ``max_c softmax(teacher_logits)_c`` reaches
-    the threshold count, in both terms (a 0/1 confidence weight); if none does, both terms are 0.
-
-    Args:
-        student_logits: ``(B, C, *spatial)`` logits of the student on the strong view.
-        teacher_logits: ``(B, C, *spatial)`` logits of the teacher on the weak view (same voxels).
-        jdt: the JDT loss (JML/DML) with softmax activation.
-        temperature: ``T > 0``.
-        confidence_threshold: in [0, 1).
-
-    Returns:
-        ``(total, parts)``: the scalar loss and detached ``{"unlabelled_kl", "unlabelled_jdt",
-        "confident_fraction"}``.
-
-    Raises:
-        ValueError: mismatched shapes, a JDT loss without softmax activation, bad temperature or threshold.
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
-        )
-    if jdt.activation != "softmax":
-        raise ValueError(f"the mean-teacher loss needs a JDT loss with softmax activation, got {jdt.activation!r}")
-    if not 0.0 <= confidence_threshold < 1.0:
-        raise ValueError(f"confidence_threshold must be in [0, 1), got {confidence_threshold!r}")
-    teacher_logits = teacher_logits.detach().float()
-    target = teacher_targets(teacher_logits, temperature)
-    student = student_logits.float() / temperature
-    kl_map = F.kl_div(torch.log_softmax(student, dim=1), target, reduction="none").sum(1)
-    mask = None
-    if confidence_threshold > 0:
-        mask = torch.softmax(teacher_logits, dim=1).amax(1) >= confidence_threshold
-        kl = (kl_map * mask).sum() / mask.sum().clamp_min(1)
-    else:
-        kl = kl_map.mean()
-    jdt_value = jdt(student, target, mask)
-    total = temperature**2 * kl + jdt_value
-    confident = torch.ones((), device=kl.device) if mask is None else mask.float().mean()
-    parts = {"unlabelled_kl": kl.detach(), "unlabelled_jdt": jdt_value.detach(), "confident_fraction": confident}
-    return total, parts
 
 
 class SemiSupervisedModule(SegmentationModule):
@@ -281,13 +222,18 @@ class SemiSupervisedModule(SegmentationModule):
         with torch.no_grad():
             teacher_logits = self.ema_teacher.module(weak)
         student_logits, _ = deep_supervision_heads(self.network, self.network(strong))
-        return consistency_loss(
+        total, parts = distillation_loss(
             student_logits,
             teacher_logits,
             self.loss.jdt,
             temperature=self.semi.temperature,
             confidence_threshold=self.semi.confidence_threshold,
         )
+        return total, {
+            "unlabelled_kl": parts["kl"],
+            "unlabelled_jdt": parts["jdt"],
+            "confident_fraction": parts["confident_fraction"],
+        }
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         if self.semi is None:

@@ -11,6 +11,7 @@ import torch
 
 from medjdt.models.checkpoints import read_checkpoint
 from medjdt.models.networks import build_network, network_channels
+from medjdt.validation import check_number
 
 __all__ = ["TeacherSpec", "load_teacher"]
 
@@ -20,7 +21,8 @@ class TeacherSpec:
     """Distillation settings (``model.teacher`` in a config).
 
     The student loss is ``label_weight * (CE + JDT on the fused target)
-    + teacher_weight * (T**2 * KL + JDT on softmax(teacher_logits / T))``.
+    + teacher_weight * (T**2 * KL + JDT on softmax(teacher_logits / T))`` (the second term is
+    :func:`medjdt.labels.distillation_loss`).
     """
 
     checkpoint: str
@@ -39,14 +41,16 @@ class TeacherSpec:
         if unknown:
             raise ValueError(f"teacher has unknown keys {sorted(unknown)}")
         out = cls(**spec)
-        if out.temperature <= 0:
-            raise ValueError(f"teacher temperature must be > 0, got {out.temperature}")
-        if out.label_weight < 0 or out.teacher_weight < 0 or out.label_weight + out.teacher_weight == 0:
-            raise ValueError(
-                f"teacher label_weight/teacher_weight must be >= 0 and not both 0, got "
-                f"{out.label_weight}/{out.teacher_weight}"
-            )
-        return out
+        label_weight = check_number("teacher.label_weight", out.label_weight, low=0)
+        teacher_weight = check_number("teacher.teacher_weight", out.teacher_weight, low=0)
+        if label_weight + teacher_weight == 0:
+            raise ValueError("teacher.label_weight and teacher.teacher_weight must not both be 0")
+        return cls(
+            checkpoint=out.checkpoint,
+            temperature=check_number("teacher.temperature", out.temperature, low=0, low_inclusive=False),
+            label_weight=label_weight,
+            teacher_weight=teacher_weight,
+        )
 
 
 def load_teacher(checkpoint: str | Path, num_classes: int, in_channels: int) -> torch.nn.Module:

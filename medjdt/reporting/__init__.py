@@ -37,7 +37,7 @@ _EXPORTS = {
     "plan_sweep": "medjdt.reporting.sweep",
     "run_sweep": "medjdt.reporting.sweep",
     "sweep_commands": "medjdt.reporting.sweep",
-    "bootstrap_ci": "medjdt.reporting.tables",
+    "bootstrap_ci": "medjdt.reporting.statistics",
     "markdown_table": "medjdt.reporting.tables",
     "per_case_table": "medjdt.reporting.tables",
     "pooled_reliability": "medjdt.reporting.tables",

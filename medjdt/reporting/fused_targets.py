@@ -30,11 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medjdt._documents import read_json_object
 from medjdt._paths import child_path
 from medjdt.data.atomic import atomic_write, atomic_write_text
 from medjdt.data.io import load_case, write_nifti
 from medjdt.data.manifest import CaseRecord, Manifest, read_manifest
 from medjdt.labels import FUSION_METHODS, fuse
+from medjdt.validation import check_choice, check_number
 
 SOFT_METHODS = ("mean", "weighted", "staple")
 SETTINGS_FILE = "fusion.json"
@@ -94,10 +96,7 @@ def _write_target(record: CaseRecord, manifest: Manifest, method: str, seed: int
 def _check_settings(out: Path, settings: dict) -> None:
     path = out / SETTINGS_FILE
     if path.exists():
-        try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read {path}: {err}") from err
+        existing = read_json_object(path, "fusion settings")
         if existing != settings:
             raise ValueError(
                 f"{out} already holds targets fused with other settings ({existing}); not mixing them with "
@@ -131,10 +130,8 @@ def write_fused_targets(
         ValueError: unknown method, negative seed, a bad manifest, a case id that is not a plain file name, an
             output folder holding other settings, or any case that cannot be loaded (naming the case).
     """
-    if method not in FUSION_METHODS:
-        raise ValueError(f"unknown fusion method {method!r}; expected one of {FUSION_METHODS}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_choice("method", method, FUSION_METHODS)
+    seed = check_number("seed", seed, low=0, integer=True)
     data = read_manifest(manifest)
     records = data.cases()
     for record in records:

@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 
 from medjdt.data.atomic import atomic_write
 from medjdt.reporting.runs import TABLE_METRICS
-from medjdt.reporting.tables import METRIC_LABELS, expected_calibration_error, fusion_order, target_kind
+from medjdt.reporting.statistics import expected_calibration_error_from_bins
+from medjdt.reporting.tables import METRIC_LABELS, fusion_order, target_kind
 
 _KIND_COLOURS = {"soft": "tab:blue", "hard": "tab:orange"}
 
@@ -55,7 +56,7 @@ def plot_reliability(bins: pd.DataFrame, ax: Axes, count_ax: Axes | None = None,
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (mean reference probability)")
     ax.legend(loc="upper left", fontsize="small")
-    ece = expected_calibration_error(bins)
+    ece = expected_calibration_error_from_bins(bins)
     ax.set_title(f"{title}  (ECE {ece:.4f})" if title else f"ECE {ece:.4f}")
     if count_ax is None:
         ax.set_xlabel("confidence")

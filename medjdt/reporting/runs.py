@@ -14,14 +14,14 @@ A sweep run also holds ``sweep.json`` (see :mod:`medjdt.reporting.sweep`); it is
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
+
+from medjdt._documents import read_json_object, read_yaml_mapping
 
 CONFIG_FILE = "config.yaml"
 PER_CASE_FILE = "val_per_case.csv"
@@ -62,16 +62,6 @@ class Run:
         return f"{self.fusion}-seed{self.seed}"
 
 
-def _read_yaml(path: Path, run: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"run {run}: cannot read {path.name}: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"run {run}: {path.name} does not hold a mapping")
-    return data
-
-
 def _read_csv(path: Path, run: Path, what: str) -> pd.DataFrame:
     if not path.is_file():
         raise ValueError(f"run {run} has no {what} ({path.name} is missing)")
@@ -107,12 +97,9 @@ def _sweep_manifest(run: Path) -> str | None:
     path = run / SWEEP_STATE_FILE
     if not path.exists():
         return None
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"run {run}: cannot read {SWEEP_STATE_FILE}: {err}") from err
-    if not isinstance(state, dict) or state.get("stage") != "done":
-        stage = state.get("stage") if isinstance(state, dict) else None
+    state = read_json_object(path, "sweep state")
+    if state.get("stage") != "done":
+        stage = state.get("stage")
         raise ValueError(
             f"run {run} is an unfinished sweep run (stage {stage!r}, not 'done'); finish it by re-running medjdt sweep"
         )
@@ -139,7 +126,7 @@ def load_run(path: str | os.PathLike) -> Run:
     config_path = run / CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"run {run} has no {CONFIG_FILE}: not a medjdt training run directory")
-    fusion, seed, config_manifest = _experiment(_read_yaml(config_path, run), run)
+    fusion, seed, config_manifest = _experiment(read_yaml_mapping(config_path, "run config"), run)
 
     per_case_path = run / PER_CASE_FILE
     per_case = _read_csv(per_case_path, run, "per-case results")

@@ -20,6 +20,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from medjdt.metrics.calibration import calibration_error_from_sums
+from medjdt.validation import check_number
+
 KEY_COLUMNS = ("arm", "seed", "case_id")
 LOWER_IS_BETTER_PREFIXES = ("ece", "brier", "nll")
 BIN_COLUMNS = ("arm", "seed", "bin_lower", "bin_upper", "count", "confidence", "accuracy")
@@ -111,10 +114,8 @@ def bootstrap_ci(
     data = np.asarray(values, dtype=float)
     if data.ndim != 1:
         raise ValueError(f"values must be 1-D, got shape {data.shape}")
-    if int(n_resamples) != n_resamples or n_resamples < 1:
-        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    n_resamples = check_number("n_resamples", n_resamples, low=1, integer=True, where="bootstrap_ci")
+    check_number("confidence", confidence, low=0, high=1, low_inclusive=False, high_inclusive=False)
     data = data[~np.isnan(data)]
     if data.size == 0:
         return float("nan"), float("nan"), float("nan")
@@ -122,7 +123,6 @@ def bootstrap_ci(
     if data.size == 1:
         return mean, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    n_resamples = int(n_resamples)
     chunk = max(1, _CHUNK_ELEMENTS // data.size)
     means = np.empty(n_resamples)
     for start in range(0, n_resamples, chunk):
@@ -281,7 +281,14 @@ def pool_reliability(bins: pd.DataFrame) -> pd.DataFrame:
 
 
 def expected_calibration_error_from_bins(frame: pd.DataFrame) -> float:
-    """Count-weighted mean of ``|accuracy - confidence|`` over the bins of one arm (NaN when every bin is empty).
+    """ECE of the reliability bins of one arm, by :func:`medjdt.metrics.calibration.calibration_error_from_sums`.
+
+    The ECE is sum_b n_b / N |acc_b - conf_b| over the bins, N the number of voxels; NaN when every bin is empty.
+
+    Args:
+        frame: one row per bin with ``count`` (n_b), ``confidence`` and ``accuracy`` (the bin's means; anything,
+            NaN included, where ``count`` is 0), e.g. ``val_reliability.csv`` or one arm of
+            :func:`pool_reliability`.
 
     Raises:
         ValueError: a column is missing, or ``frame`` holds more than one arm.
@@ -293,7 +300,8 @@ def expected_calibration_error_from_bins(frame: pd.DataFrame) -> float:
         raise ValueError(f"bins hold {frame['arm'].nunique()} arms; pass the bins of one arm")
     counts = frame["count"].to_numpy(dtype=float)
     filled = counts > 0
-    if not filled.any():
-        return float("nan")
-    gap = np.abs(frame["accuracy"].to_numpy(dtype=float) - frame["confidence"].to_numpy(dtype=float))
-    return float(np.sum(counts[filled] * gap[filled]) / np.sum(counts[filled]))
+    # per-bin sums (count, confidence sum, accuracy sum) from the means; empty bins add nothing
+    sums = np.stack(
+        [counts] + [np.where(filled, frame[c].to_numpy(dtype=float) * counts, 0.0) for c in ("confidence", "accuracy")]
+    )
+    return float(calibration_error_from_sums(sums))

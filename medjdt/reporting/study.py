@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from medjdt._documents import read_json_object
 from medjdt.data.atomic import atomic_write_text
 from medjdt.reporting.case_scores import case_scores
 from medjdt.reporting.logged_run import run_logged
@@ -92,11 +93,7 @@ def _read_state(run: StudyRun) -> dict:
     path = run.directory / STATE_FILE
     if not path.is_file():
         return {}
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"study run {run.directory}: cannot read {STATE_FILE}: {err}") from None
-    return state if isinstance(state, dict) else {}
+    return read_json_object(path, f"study run {run.directory}: state")
 
 
 def _write_state(run: StudyRun, state: dict) -> None:

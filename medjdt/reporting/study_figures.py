@@ -17,21 +17,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from medjdt.data.atomic import atomic_write
+from medjdt.reporting.plots import save_figure
 from medjdt.reporting.statistics import case_means, expected_calibration_error_from_bins, higher_is_better
-
-_DPI = 120
 
 
 def _new_figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
-
-
-def save_png(figure: Figure, path: str | os.PathLike) -> Path:
-    """Write ``figure`` as a PNG to ``path`` atomically; returns the path."""
-    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI), suffix=".png")
 
 
 def _colours(arms: Sequence[str]) -> dict[str, tuple]:
@@ -82,7 +75,7 @@ def reliability_by_arm_figure(pooled_bins: pd.DataFrame) -> Figure:
 
 def plot_reliability_by_arm(pooled_bins: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write :func:`reliability_by_arm_figure` as a PNG to ``path``; returns the path."""
-    return save_png(reliability_by_arm_figure(pooled_bins), path)
+    return save_figure(reliability_by_arm_figure(pooled_bins), path)
 
 
 def dice_vs_ece_figure(scores: pd.DataFrame, dice: str = "dice", ece: str = "ece") -> Figure:
@@ -111,7 +104,7 @@ def dice_vs_ece_figure(scores: pd.DataFrame, dice: str = "dice", ece: str = "ece
 
 def plot_dice_vs_ece(scores: pd.DataFrame, path: str | os.PathLike, dice: str = "dice", ece: str = "ece") -> Path:
     """Write :func:`dice_vs_ece_figure` as a PNG to ``path``; returns the path."""
-    return save_png(dice_vs_ece_figure(scores, dice=dice, ece=ece), path)
+    return save_figure(dice_vs_ece_figure(scores, dice=dice, ece=ece), path)
 
 
 def _p_text(p: float) -> str:
@@ -176,4 +169,4 @@ def plot_forest(
     directions: Mapping[str, bool] | None = None,
 ) -> Path:
     """Write :func:`forest_figure` as a PNG to ``path``; returns the path."""
-    return save_png(forest_figure(paired, metrics=metrics, directions=directions), path)
+    return save_figure(forest_figure(paired, metrics=metrics, directions=directions), path)

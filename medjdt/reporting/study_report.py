@@ -30,8 +30,16 @@ __all__ = ["StudyReportFiles", "collect_study", "write_study_report"]
 
 # Shown in the Markdown tables when present (every scored metric is in the CSVs): accuracy, then calibration.
 TABLES = {
-    "Accuracy (majority vote, each rater, KiTS regions)": ("dice", "rater_dice", "kits_dice", "kits_sd"),
-    "Calibration and soft agreement (mean of the raters)": ("soft_dice", "ece", "brier", "nll"),
+    "Accuracy": ("dice", "rater_dice", "kits_dice", "kits_sd"),
+    "Calibration and soft agreement": ("soft_dice", "ece", "brier", "nll"),
+}
+# The reference of each table metric, named in its table's heading.
+REFERENCES = {
+    "dice": "majority vote",
+    "rater_dice": "each rater",
+    "kits_dice": "KiTS regions",
+    "kits_sd": "KiTS regions",
+    **dict.fromkeys(("soft_dice", "ece", "brier", "nll"), "mean of the raters"),
 }
 FOREST_METRICS = ("dice", "soft_dice", "ece", "brier")
 
@@ -113,8 +121,12 @@ def write_study_report(spec: StudySpec, out: str | Path, report_dir: str | Path 
     metrics = _metrics(scores, spec)
     summary = arm_summary(scores, metrics, n_resamples=n_resamples)
     paired = paired_comparison(scores, metrics, spec.baseline, n_resamples=n_resamples)
-    tables = {heading: summary_table(summary, paired, [m for m in chosen if m in metrics], spec.baseline)
-              for heading, chosen in TABLES.items() if any(m in metrics for m in chosen)}
+    tables = {}
+    for title, chosen in TABLES.items():
+        shown = [m for m in chosen if m in metrics]
+        if shown:
+            heading = f"{title} ({', '.join(dict.fromkeys(REFERENCES[m] for m in shown))})"
+            tables[heading] = summary_table(summary, paired, shown, spec.baseline)
     primary = [m for m in ("dice", "ece") if m in metrics]
     sentence = headline(summary, paired, spec.baseline, primary=primary) if len(set(scores["arm"])) > 1 else (
         f"Only the {spec.baseline} arm has results so far.")

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from medjdt._documents import read_yaml_mapping
 from medjdt._paths import check_name
+from medjdt.validation import check_number
 
 __all__ = ["Arm", "DataSpec", "StudySpec", "read_study"]
 
@@ -143,9 +143,7 @@ def _data(raw: Any, base: Path, where: str) -> DataSpec:
     if "layout" in raw:
         if "root" not in raw or "test_cases" not in raw:
             raise ValueError(f"{where}: data with a layout needs root and test_cases")
-        test_cases = raw["test_cases"]
-        if not isinstance(test_cases, int) or test_cases < 1:
-            raise ValueError(f"{where}: data.test_cases must be a positive integer, got {test_cases!r}")
+        test_cases = check_number("data.test_cases", raw["test_cases"], low=1, integer=True, where=where)
         groups = raw.get("groups")
         if groups is not None and (not isinstance(groups, Mapping) or set(groups) != {"file", "case", "group"}):
             raise ValueError(f"{where}: data.groups must be {{file, case, group}}, got {groups!r}")
@@ -190,13 +188,8 @@ def read_study(path: str | os.PathLike) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"study file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"study file {path} is not readable YAML: {' '.join(str(err).split())}") from None
+    raw = read_yaml_mapping(path, "study file")
     where = f"study file {path}"
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{where} must hold a mapping")
     known = {"name", "description", "config", "data", "seeds", "arms", "baseline", "checkpoint", "report_dir",
              "metrics", "notes"}
     unknown = sorted(set(raw) - known)
@@ -210,8 +203,10 @@ def read_study(path: str | os.PathLike) -> StudySpec:
     if not config.is_file():
         raise ValueError(f"{where}: config {config} does not exist")
     seeds = raw["seeds"]
-    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
-                                                       for s in seeds) or len(set(seeds)) != len(seeds):
+    if not isinstance(seeds, list) or not seeds:
+        raise ValueError(f"{where}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
+    seeds = [check_number("each seed", seed, low=0, integer=True, where=where) for seed in seeds]
+    if len(set(seeds)) != len(seeds):
         raise ValueError(f"{where}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     if not isinstance(raw["arms"], list) or not raw["arms"]:
         raise ValueError(f"{where}: arms must be a non-empty list")

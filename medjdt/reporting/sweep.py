@@ -35,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from medjdt._documents import read_json_object
 from medjdt.data.atomic import atomic_write, atomic_write_text
 from medjdt.reporting.logged_run import run_logged
 from medjdt.reporting.runs import CONFIG_FILE, PER_CASE_FILE, RELIABILITY_FILE, SWEEP_STATE_FILE
@@ -133,15 +134,7 @@ def sweep_commands(
 def read_state(run: SweepRun) -> dict | None:
     """The run's ``sweep.json``, or None when it has none."""
     path = run.directory / SWEEP_STATE_FILE
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"run {run.directory}: cannot read {SWEEP_STATE_FILE}: {err}") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"run {run.directory}: {SWEEP_STATE_FILE} does not hold an object")
-    return state
+    return read_json_object(path, "sweep state") if path.exists() else None
 
 
 def _write_state(run: SweepRun, state: dict) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from medjdt.reporting.runs import TABLE_METRICS, Run
+from medjdt.reporting.statistics import pool_reliability
 
 # Kept in sync with medjdt.labels.FUSION_METHODS, which is not imported here: it pulls in MONAI, and the command
 # line imports this package at start-up. tests/test_reporting_report.py checks that the two agree.
@@ -110,41 +111,7 @@ def pooled_reliability(bins: Sequence[pd.DataFrame]) -> pd.DataFrame:
         other = frame[["bin_lower", "bin_upper"]].to_numpy()
         if other.shape != edges.shape or not np.allclose(other, edges):
             raise ValueError(f"cannot pool reliability bins with different edges ({len(other)} vs {len(edges)} bins)")
-    count = sum(frame["count"].to_numpy(dtype=float) for frame in bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = {
-            column: sum(np.nan_to_num(f[column].to_numpy(dtype=float)) * f["count"].to_numpy(dtype=float) for f in bins)
-            / count
-            for column in ("confidence", "accuracy")
-        }
-    return pd.DataFrame({"bin_lower": edges[:, 0], "bin_upper": edges[:, 1], "count": count, **means})
-
-
-def expected_calibration_error(bins: pd.DataFrame) -> float:
-    """ECE of reliability bins: sum over bins of (count / total) * |accuracy - confidence|."""
-    filled = bins[bins["count"] > 0]
-    weights = filled["count"] / filled["count"].sum()
-    return float((weights * (filled["accuracy"] - filled["confidence"]).abs()).sum())
-
-
-def bootstrap_ci(
-    values: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of ``values`` (NaN values are dropped).
-
-    Raises:
-        ValueError: no finite value, ``confidence`` outside (0, 1) or ``n_resamples < 1``.
-    """
-    data = np.asarray(values, dtype=float)
-    data = data[~np.isnan(data)]
-    if data.size == 0:
-        raise ValueError("bootstrap_ci needs at least one non-NaN value")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    rng = np.random.default_rng(seed)
-    means = rng.choice(data, size=(n_resamples, data.size), replace=True).mean(axis=1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
+    # the same edges (up to float noise) for every run, so that the bins group together
+    runs = [f.assign(arm="pooled", seed=i, bin_lower=edges[:, 0], bin_upper=edges[:, 1]) for i, f in enumerate(bins)]
+    pooled = pool_reliability(pd.concat(runs, ignore_index=True))
+    return pooled[["bin_lower", "bin_upper", "count", "confidence", "accuracy"]]

@@ -14,21 +14,13 @@ import socket
 import time
 from pathlib import Path
 
+from medjdt.data.atomic import process_alive
+
 LOCK_FILE = ".medjdt.lock"
 STALE_AFTER_S = 900.0
 _HEARTBEAT_EVERY_S = 60.0
 
 __all__ = ["LOCK_FILE", "RunLock"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
@@ -59,7 +51,7 @@ class RunLock:
         except FileNotFoundError:
             return True
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            return not _alive(holder["pid"])
+            return not process_alive(holder["pid"])
         return age > STALE_AFTER_S  # another host, or a lock file cut short by a kill: judge by its age
 
     def acquire(self) -> RunLock:

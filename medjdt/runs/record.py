@@ -27,6 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from medjdt._documents import read_json_object
+
 RUN_RECORD = "run.json"
 _PACKAGES = ("medjdt", "torch", "monai", "pytorch-lightning", "torchmetrics")
 
@@ -99,15 +101,7 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any] | None:
         ValueError: the file exists but is not a JSON object (the message names it).
     """
     path = Path(folder) / RUN_RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"run record {path} is unreadable: {err}") from err
-    if not isinstance(record, dict):
-        raise ValueError(f"run record {path} does not hold a JSON object")
-    return record
+    return read_json_object(path, "run record") if path.is_file() else None
 
 
 def write_record(folder: str | os.PathLike, record: Mapping[str, Any]) -> Path:

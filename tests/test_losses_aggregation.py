@@ -1,4 +1,4 @@
-"""Reductions, active classes, masks and empty classes on tiny cases computed by hand.
+"""Aggregations, active classes, masks and empty classes on tiny cases computed by hand.
 
 The case: two images of two voxels (spatial 1 x 2), two classes, probabilities given directly
 (``activation=None``), Jaccard metric loss with ``smooth = 0``:
@@ -42,7 +42,7 @@ def test_cardinalities_by_hand(target):
 
 @pytest.mark.parametrize("target", [LABELS, ONE_HOT], ids=["hard", "soft"])
 @pytest.mark.parametrize(
-    "reduction,active,expected",
+    "aggregation,active,expected",
     [
         ("dataset", "all", (5 / 7 + 5 / 14) / 2),
         ("dataset", "present", (5 / 7 + 5 / 14) / 2),
@@ -53,25 +53,25 @@ def test_cardinalities_by_hand(target):
         ({"image": 0.5, "class": 0.5}, "present", 0.5 * 0.4 + 0.5 * 0.4875),
     ],
 )
-def test_reductions_and_active_classes(target, reduction, active, expected):
-    assert _jml(target, reduction=reduction, active_classes=active) == pytest.approx(expected, rel=1e-12)
+def test_aggregations_and_active_classes(target, aggregation, active, expected):
+    assert _jml(target, aggregation=aggregation, active_classes=active) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("target", [LABELS, ONE_HOT], ids=["hard", "soft"])
 def test_class_weights_and_background(target):
     assert _jml(target, class_weights=[1.0, 3.0]) == pytest.approx((5 / 14 + 3 * 5 / 7) / 4, rel=1e-12)
     assert _jml(target, include_background=False) == pytest.approx(5 / 7, rel=1e-12)
-    assert _jml(target, reduction="image", class_weights=[0.0, 1.0]) == pytest.approx((0.6 + 1.0) / 2, rel=1e-12)
+    assert _jml(target, aggregation="image", class_weights=[0.0, 1.0]) == pytest.approx((0.6 + 1.0) / 2, rel=1e-12)
 
 
 @pytest.mark.parametrize("target", [LABELS, ONE_HOT], ids=["hard", "soft"])
 def test_log_loss_focal_power_and_dice(target):
     assert _jml(target, log_loss=True) == pytest.approx((-math.log(2 / 7) - math.log(9 / 14)) / 2, rel=1e-12)
-    assert _jml(target, reduction="image", gamma=2.0) == pytest.approx(
+    assert _jml(target, aggregation="image", gamma=2.0) == pytest.approx(
         ((0.36 + 0.25) / 2 + (1.0 + 0.0625) / 2) / 2, rel=1e-12
     )
     # DML, image 0 only: class 1 T = 0.5 / (0.5 + 0.75/2) = 4/7, class 0 T = 0.75 / (0.75 + 0.75/2) = 2/3
-    first_image = jdt_loss(PROBS[:1], target[:1], smooth=0.0, alpha=0.5, beta=0.5, reduction="image").item()
+    first_image = jdt_loss(PROBS[:1], target[:1], smooth=0.0, alpha=0.5, beta=0.5, aggregation="image").item()
     assert first_image == pytest.approx(((1 - 4 / 7) + (1 - 2 / 3)) / 2, rel=1e-12)
 
 
@@ -85,18 +85,18 @@ def test_mask_and_ignore_index_exclude_voxels():
     # dropping voxel 1 of image 0: class 1 TP 0.5 FP 0 FN 0.5 -> loss 0.5; class 0 TP 0 FP 0.5 FN 0 -> loss 1 (absent)
     mask = torch.tensor([[True, False], [True, True]]).unsqueeze(1)
     expected_image = (0.5 + 0.25) / 2  # present classes: image 0 -> class 1, image 1 -> class 0
-    assert _jml(LABELS, mask, reduction="image", active_classes="present") == pytest.approx(expected_image)
-    assert _jml(ONE_HOT, mask, reduction="image", active_classes="present") == pytest.approx(expected_image)
+    assert _jml(LABELS, mask, aggregation="image", active_classes="present") == pytest.approx(expected_image)
+    assert _jml(ONE_HOT, mask, aggregation="image", active_classes="present") == pytest.approx(expected_image)
     ignored = LABELS.clone()
     ignored[0, 0, 1] = 255
     assert jdt_loss(
-        PROBS, ignored, smooth=0.0, reduction="image", active_classes="present", ignore_index=255
+        PROBS, ignored, smooth=0.0, aggregation="image", active_classes="present", ignore_index=255
     ).item() == pytest.approx(expected_image)
     # excluded voxels contribute nothing, whatever their prediction or label
     changed_probs = PROBS.clone()
     changed_probs[0, :, 0, 1] = torch.tensor([0.0, 1.0], dtype=torch.float64)
     changed = jdt_loss(
-        changed_probs, ignored, smooth=0.0, reduction="image", active_classes="present", ignore_index=255
+        changed_probs, ignored, smooth=0.0, aggregation="image", active_classes="present", ignore_index=255
     )
     assert changed.item() == pytest.approx(expected_image)
 
@@ -112,25 +112,26 @@ def test_present_uses_threshold_on_soft_targets():
     assert _jml(target, active_classes="present", threshold=0.001) != pytest.approx(class0.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("reduction", ["dataset", "image", "class"])
-def test_no_active_class_gives_zero_with_graph(reduction):
+@pytest.mark.parametrize("aggregation", ["dataset", "image", "class"])
+def test_no_active_class_gives_zero_with_graph(aggregation):
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     target = torch.zeros(2, 3, 4, 4)
-    loss = JaccardMetricLoss(reduction=reduction, active_classes="present")(logits, target)
+    loss = JaccardMetricLoss(aggregation=aggregation, active_classes="present")(logits, target)
     assert loss.item() == 0.0
     assert loss.requires_grad
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
-@pytest.mark.parametrize("reduction", ["dataset", "image", "class"])
+@pytest.mark.parametrize("aggregation", ["dataset", "image", "class"])
 @pytest.mark.parametrize("active", ["all", "present"])
-def test_fully_masked_batch_gives_zero_without_nan(reduction, active):
+def test_fully_masked_batch_gives_zero_without_nan(aggregation, active):
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     labels = torch.randint(0, 3, (2, 4, 4))
     mask = torch.zeros(2, 4, 4, dtype=torch.bool)
     for smooth in (0.0, 1.0):
-        loss = JDTLoss(reduction=reduction, active_classes=active, smooth=smooth, log_loss=True)(logits, labels, mask)
+        loss_fn = JDTLoss(aggregation=aggregation, active_classes=active, smooth=smooth, log_loss=True)
+        loss = loss_fn(logits, labels, mask)
         assert loss.item() == 0.0
         loss.backward()
         assert torch.isfinite(logits.grad).all()
@@ -161,7 +162,7 @@ def test_tversky_loss_elementwise_by_hand():
     assert torch.allclose(loss, torch.tensor([1 - 1 / 2.0, 0.0, 1.0]))
 
 
-def test_reduction_weights_mix_linearly():
-    mixed = _jml(LABELS, reduction={"dataset": 0.2, "image": 0.3, "class": 0.5})
-    parts = [_jml(LABELS, reduction=name) for name in ("dataset", "image", "class")]
+def test_aggregation_weights_mix_linearly():
+    mixed = _jml(LABELS, aggregation={"dataset": 0.2, "image": 0.3, "class": 0.5})
+    parts = [_jml(LABELS, aggregation=name) for name in ("dataset", "image", "class")]
     assert mixed == pytest.approx(0.2 * parts[0] + 0.3 * parts[1] + 0.5 * parts[2], rel=1e-12)
