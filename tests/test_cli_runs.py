@@ -452,7 +452,10 @@ def test_evaluations_write_next_to_their_checkpoints_run_without_warnings(phanto
      ["evaluate", "--manifest", "none.csv", "--predictions", ".", "--out", "r.csv"], ["check", "--help"],
      ["sweep", "--config", "none.yaml", "--fusion", "mean", "--seeds", "0", "--out", "o"],
      ["manifest", "--layout", "kits23", "--root", "nowhere", "--out", "m.csv"], ["report", "nowhere", "--out", "o"],
-     ["demo-data", "--help"], ["fit", "--config", "none.yaml"], ["evalute"]],
+     ["demo-data", "--help"], ["fit", "--config", "none.yaml"], ["evalute"], ["plan", "--help"],
+     ["plan", "--manifest", "none.csv", "--out", "o"], ["raters", "--help"],
+     ["raters", "--manifest", "none.csv", "--out", "o"],
+     ["manifest", "--layout", "folders", "--root", "nowhere", "--out", "m.csv", "--classes", "bg", "x"]],
 )
 def test_help_and_argument_errors_answer_before_torch_monai_and_lightning_load(tmp_path, args):
     probe = (

@@ -177,6 +177,35 @@ def test_demo_layout_rows(tmp_path):
         ("case_000", "1"), ("case_000", "2"), ("case_000", "3"), ("case_001", "1"), ("case_001", "2")]
 
 
+def test_folders_layout_takes_your_raters_names_classes_and_modality(tmp_path, capsys):
+    root = tmp_path / "my_data"
+    raters = {"p01": ["alice", "bob", "rater2", "rater10"], "p02": ["alice", "bob"], "p03": []}
+    for case, names in raters.items():
+        save(np.zeros((8, 8, 4), np.int16), np.diag([0.8, 0.8, 5.0, 1.0]), root / case / "image.nii.gz")
+        for name in names:
+            save(np.zeros((8, 8, 4), np.uint8), np.diag([0.8, 0.8, 5.0, 1.0]), root / case / f"rater-{name}.nii.gz")
+    (root / "p01" / "notes.txt").write_text("not a rater")
+    out = tmp_path / "manifest.csv"
+    args = ["manifest", "--layout", "folders", "--root", str(root), "--out", str(out), "--classes", "background",
+            "kidney", "tumour", "--modality", "MR", "--folds", "2"]
+    assert main(args) == 2  # p03 has no rater: the unlabelled policy applies
+    assert "p03" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--allow-unlabelled"]) == 0
+    frame = _rows(out)
+    assert list(zip(frame["case_id"], frame["rater"])) == [
+        ("p01", "alice"), ("p01", "bob"), ("p01", "rater2"), ("p01", "rater10"), ("p02", "alice"), ("p02", "bob")]
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["class_names"] == ["background", "kidney", "tumour"] and meta["num_classes"] == 3
+    assert meta["modality"] == "MR" and meta["unlabelled_cases"] == ["p03"]
+    assert read_manifest(out).class_names == ["background", "kidney", "tumour"]
+    with pytest.raises(ValueError, match="layout 'folders' needs --classes"):
+        build_manifest("folders", root, tmp_path / "x.csv", unlabelled="skip")
+    with pytest.raises(ValueError, match="layout 'folders' needs --classes"):
+        build_manifest("folders", root, tmp_path / "x.csv", unlabelled="skip", classes=["background", "background"])
+    with pytest.raises(ValueError, match="names its own classes"):
+        build_manifest("demo", root, tmp_path / "x.csv", classes=["background", "x"])
+
+
 def test_unknown_layout_and_missing_root(tmp_path):
     with pytest.raises(ValueError, match="layout must be one of .*got 'brats'"):
         build_manifest("brats", tmp_path, tmp_path / "x.csv")

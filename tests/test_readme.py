@@ -46,9 +46,15 @@ def overrides(args: list[str]) -> list[str]:
     """The small overrides for one README command (nothing for the commands that train nothing)."""
     command = args[1]
     config = args[args.index("--config") + 1] if "--config" in args else ""
+    if command == "demo-data" and args[args.index("--out") + 1] == "my_data":
+        return ["--cases", "6", "--shape", "32", "32", "24"]  # "Your own data": smaller phantoms, same layout
+    if command == "plan":
+        return ["--max-epochs", "1"]
     if command in ("fit", "check", "predict", "validate", "test"):
         if config.endswith("kits.yaml"):
             return KITS_TINY
+        if config.endswith("plan.yaml"):
+            return ["--data.num_workers", "0", *QUIET]
         epochs = ["--trainer.max_epochs", "2" if "--ckpt_path" in args and command == "fit" else "1"]
         return [*DEMO_SMALL, *(epochs if command == "fit" else [])]
     if command == "sweep":
@@ -73,7 +79,12 @@ def test_every_readme_command_block_runs(tmp_path, monkeypatch, capsys):
         captured = capsys.readouterr()
         assert code == 0, f"{shlex.join(args)} failed:\n{captured.err[-3000:]}"
         ran.append(args[1])
-    assert ran.count("fit") >= 3 and {"check", "predict", "evaluate", "sweep", "report", "manifest"} <= set(ran)
+    assert ran.count("fit") >= 4 and {"check", "predict", "evaluate", "sweep", "report", "manifest"} <= set(ran)
+    assert {"raters", "plan"} <= set(ran)
+    # "Your own data": the rater report, the plan, the case views of the evaluation
+    assert (tmp_path / "runs/my_raters/raters.md").read_text().startswith("# Rater agreement")
+    assert (tmp_path / "runs/my_plan/plan.md").is_file()
+    assert len(list((tmp_path / "runs/plan/version_0/predict/last/case_views").glob("*.png"))) >= 1
     # What the blocks promise: a resumed run in place, predictions next to it, evaluated case by case.
     assert sorted(p.name for p in (tmp_path / "runs" / "demo").iterdir()) == ["version_0"]
     evaluation = pd.read_csv(tmp_path / "runs/demo/version_0/predict/last/evaluation.csv")

@@ -23,6 +23,7 @@ from medjdt.cli.arguments import split_debug
 from medjdt.cli.check import COMMANDS as CHECK_COMMANDS
 from medjdt.cli.errors import report
 from medjdt.data.commands import COMMANDS as DATA_COMMANDS
+from medjdt.planning.commands import COMMANDS as PLANNING_COMMANDS
 from medjdt.reporting.commands import COMMANDS as REPORTING_COMMANDS
 from medjdt.validation import did_you_mean
 
@@ -39,6 +40,7 @@ COMMANDS: dict[str, Command] = {}
 COMMANDS.update({name: Command(*spec) for name, spec in DATA_COMMANDS.items()})
 COMMANDS.update({name: Command(*spec) for name, spec in CHECK_COMMANDS.items()})
 COMMANDS.update({name: Command(*spec) for name, spec in REPORTING_COMMANDS.items()})
+COMMANDS.update({name: Command(*spec) for name, spec in PLANNING_COMMANDS.items()})
 
 # Handled by LightningCLI (imported lazily: it pulls in torch, MONAI and Lightning).
 TRAINING_COMMANDS = {

@@ -33,7 +33,7 @@ DATA_IDENTITY = (
 )
 MODEL_IDENTITY = ("network", "jdt", "ce_weight", "jdt_weight", "teacher", "semi")
 # What else an evaluation's results depend on.
-INFERENCE_SETTINGS = ("roi_size", "sw_batch_size", "overlap", "blend_mode", "temperature")
+INFERENCE_SETTINGS = ("roi_size", "sw_batch_size", "overlap", "blend_mode", "temperature", "tta")
 
 __all__ = [
     "DATA_IDENTITY",

@@ -121,7 +121,10 @@ def summarise(cli: Any, session: RunSession) -> dict[str, Any]:
         cases = [record.case_id for record in datamodule.datasets["predict"].data]
         fields["predictions"] = str(directory)
         fields["cases"] = cases
-        lines.append(f"  predictions      {len(cases)} case(s) in {_shown(directory)} (*_probs.nii.gz, *_label.nii.gz)")
+        lines.append(
+            f"  predictions      {len(cases)} case(s) in {_shown(directory)} (*_probs, *_label, *_uncertainty.nii.gz; "
+            "labels.itksnap.txt and labels.ctbl name the classes for ITK-SNAP and 3D Slicer)"
+        )
         manifest = str(session.manifest_path)
         evaluate = shlex.join(
             [

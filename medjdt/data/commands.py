@@ -28,6 +28,10 @@ def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
         "--folds", type=int, default=None, help="number of cross-validation folds (default 5, at most the cases)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    parser.add_argument(
+        "--classes", nargs="+", default=None, help="layout folders: the class names, background first (label 0, 1, ...)"
+    )
+    parser.add_argument("--modality", default="CT", help="layout folders: the image modality (default CT)")
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument(
         "--allow-unlabelled",
@@ -61,7 +65,9 @@ def run_manifest(args: argparse.Namespace) -> int:
     from medjdt.data.layouts import build_manifest
     from medjdt.data.manifest import metadata_path
 
-    paths = build_manifest(args.layout, args.root, args.out, args.folds, args.seed, args.unlabelled)
+    paths = build_manifest(
+        args.layout, args.root, args.out, args.folds, args.seed, args.unlabelled, args.classes, args.modality
+    )
     action = "included" if args.unlabelled == "include" else "left out"
     for path in paths:
         print(_summary(path))

@@ -15,6 +15,9 @@ Supported layouts (``layout`` argument of :func:`build_manifest`):
   tumor, cyst.
 - ``demo``: the phantom layout written by :func:`medjdt.data.phantoms.make_phantom_dataset`:
   ``<root>/case_NNN/image.nii.gz`` and ``rater-J.nii.gz``; background, organ, lesion.
+- ``folders``: your own data in the same shape: one folder per case holding ``image.nii.gz`` and one
+  ``rater-<name>.nii.gz`` label map per rater (``<name>``: letters, digits, ``_`` or ``-``; raters may differ
+  between cases); the class names and the modality are given when the manifest is built.
 
 A case with an image but no annotation (KiTS19 and LiTS ship unlabelled test cases) is handled by the
 ``unlabelled`` policy: ``"error"`` (default) fails naming the case; ``"skip"`` leaves it out; ``"include"``
@@ -52,6 +55,7 @@ _QUBIQ_CASE_RE = re.compile(r"^case\d+$")
 _QUBIQ_MASK_RE = re.compile(r"^task(\d+)_seg(\d+)\.nii(\.gz)?$")
 _LITS_RE = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
 _DEMO_RATER_RE = re.compile(r"^rater-(\d+)\.nii\.gz$")
+_FOLDERS_RATER_RE = re.compile(r"^rater-([A-Za-z0-9_\-]+)\.nii\.gz$")
 
 
 @dataclass
@@ -230,22 +234,32 @@ def _scan_qubiq(root: Path, policy: str) -> list[ManifestSpec]:
     return specs
 
 
-def _scan_demo(root: Path, policy: str) -> list[ManifestSpec]:
+def _scan_case_folders(
+    root: Path, policy: str, class_names: list[str], modality: str, rater_re: re.Pattern
+) -> list[ManifestSpec]:
     cases = sorted(p for p in root.iterdir() if p.is_dir() and (p / "image.nii.gz").is_file())
     if not cases:
         raise ValueError(f"no case folders with image.nii.gz under {root}")
     spatial_dims = len(nib.load(cases[0] / "image.nii.gz").shape)
-    spec = ManifestSpec([], 3, list(DEMO_CLASS_NAMES), "CT", spatial_dims)
+    spec = ManifestSpec([], len(class_names), list(class_names), modality, spatial_dims)
+
+    def natural(name: str) -> tuple:  # rater-2 before rater-10
+        return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
     for case in cases:
         raters = sorted(
-            ((int(m.group(1)), p) for p in case.iterdir() if (m := _DEMO_RATER_RE.match(p.name))), key=lambda t: t[0]
+            ((m.group(1), p) for p in case.iterdir() if (m := rater_re.match(p.name))), key=lambda t: natural(t[0])
         )
         if not raters:
             _unlabelled(spec, policy, case.name, case / "image.nii.gz", case)
             continue
-        for j, p in raters:
-            spec.rows.append({"case_id": case.name, "image": case / "image.nii.gz", "label": p, "rater": str(j)})
+        for name, p in raters:
+            spec.rows.append({"case_id": case.name, "image": case / "image.nii.gz", "label": p, "rater": name})
     return [spec]
+
+
+def _scan_demo(root: Path, policy: str) -> list[ManifestSpec]:
+    return _scan_case_folders(root, policy, list(DEMO_CLASS_NAMES), "CT", _DEMO_RATER_RE)
 
 
 _SCANNERS = {
@@ -258,11 +272,18 @@ _SCANNERS = {
 }
 
 
-def scan_layout(layout: str, root: str | os.PathLike, unlabelled: str = "error") -> list[ManifestSpec]:
+def scan_layout(
+    layout: str,
+    root: str | os.PathLike,
+    unlabelled: str = "error",
+    classes: list[str] | None = None,
+    modality: str = "CT",
+) -> list[ManifestSpec]:
     """Scan ``root`` in the published ``layout``; one :class:`ManifestSpec` per manifest to write.
 
     ``unlabelled`` is the policy for cases without annotation: ``"error"``, ``"skip"`` or ``"include"`` (see the
-    module docstring).
+    module docstring). ``classes`` (background first) and ``modality`` describe a ``folders`` dataset; the
+    published layouts know their own.
 
     Raises ``ValueError`` for an unknown layout or policy, a missing root, an image that is missing, a case with
     no annotation (policy ``"error"``), and layout-specific inconsistencies, naming the case and file.
@@ -272,7 +293,16 @@ def scan_layout(layout: str, root: str | os.PathLike, unlabelled: str = "error")
     root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise ValueError(f"dataset root {root} is not a folder")
-    specs = _SCANNERS[layout](root, unlabelled)
+    if layout == "folders":
+        if not classes or len(classes) < 2 or len(set(classes)) != len(classes):
+            raise ValueError(
+                f"layout 'folders' needs --classes: at least 2 distinct names, background first, got {classes}"
+            )
+        specs = _scan_case_folders(root, unlabelled, list(classes), str(modality), _FOLDERS_RATER_RE)
+    else:
+        if classes is not None:
+            raise ValueError(f"layout {layout!r} names its own classes; --classes is for layout 'folders'")
+        specs = _SCANNERS[layout](root, unlabelled)
     for spec in specs:
         if not spec.rows:
             raise ValueError(f"no annotated cases found under {root} for layout {layout!r}{spec.suffix}")
@@ -286,6 +316,8 @@ def build_manifest(
     folds: int | None = None,
     seed: int = 0,
     unlabelled: str = "error",
+    classes: list[str] | None = None,
+    modality: str = "CT",
 ) -> list[Path]:
     """Scan ``root`` in ``layout`` and write manifest(s) with deterministic K-fold by case; returns their paths.
 
@@ -295,12 +327,13 @@ def build_manifest(
     the number of labelled cases when there are fewer (an explicit ``folds`` larger than that is an error).
     ``unlabelled``: policy for
     cases without annotation (``"error"``, ``"skip"``, ``"include"``); included unlabelled cases are dealt into
-    folds separately, so the labelled cases' folds are those of ``"skip"``.
+    folds separately, so the labelled cases' folds are those of ``"skip"``. ``classes`` and ``modality``: see
+    :func:`scan_layout`.
     """
     out = Path(out)
     if out.suffix != ".csv":
         raise ValueError(f"manifest path {out} must end with .csv")
-    specs = scan_layout(layout, root, unlabelled)
+    specs = scan_layout(layout, root, unlabelled, classes, modality)
     written = []
     for spec in specs:
         case_ids = [r["case_id"] for r in spec.rows]

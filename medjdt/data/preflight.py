@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from medjdt._progress import progress
 from medjdt.data.manifest import CaseRecord
 from medjdt.data.preprocess import PreprocessSettings
 
@@ -181,7 +182,7 @@ def prepare_cases(
         worker_init_fn=worker_init_fn if num_workers > 0 else None,
     )
     problems, cached = [], 0
-    for was_cached, problem in loader:
+    for was_cached, problem in progress(loader, total=len(records), desc="caching"):
         cached += int(was_cached)
         if problem is not None:
             problems.append(problem)

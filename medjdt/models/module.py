@@ -45,6 +45,7 @@ from medjdt.models.networks import build_network, deep_supervision_heads, networ
 from medjdt.models.schedules import SCHEDULES, Schedule, adamw_with_schedule
 from medjdt.models.specs import instantiate
 from medjdt.models.teacher import TeacherSpec, load_teacher
+from medjdt.models.tta import TTA_CHOICES, tta_prediction
 from medjdt.validation import check_choice, check_number
 
 __all__ = ["SegmentationModule"]
@@ -89,6 +90,9 @@ class SegmentationModule(pl.LightningModule):
             scaled. ``"auto"`` is resolved by the command line (``validate``/``test``/``predict --ckpt_path X
             --model.temperature auto``) to the temperature fitted on the validation fold of the run that made
             ``X`` (see :mod:`medjdt.models.temperature`).
+        tta: test-time augmentation of whole-volume inference: ``"flips"`` averages the (temperature-scaled)
+            probabilities over the ``2**D`` flips of the spatial axes (:mod:`medjdt.models.tta`, as nnU-Net);
+            ``None`` or ``"none"`` (default) predicts once. Training is never augmented this way.
 
     Raises:
         ValueError: unknown network or loss, bad weights, a missing or mismatched teacher checkpoint, a temperature
@@ -113,6 +117,7 @@ class SegmentationModule(pl.LightningModule):
         class_names: list[str] | None = None,
         ece_bins: int = 15,
         temperature: float | Literal["auto"] | None = None,
+        tta: Literal["none", "flips"] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -124,6 +129,7 @@ class SegmentationModule(pl.LightningModule):
         self.temperature = (
             None if temperature is None else check_number("model.temperature", temperature, low=0, low_inclusive=False)
         )
+        self.tta = check_choice("model.tta", tta, TTA_CHOICES)
         check_number("model.lr", lr, low=0, low_inclusive=False)
         check_number("model.weight_decay", weight_decay, low=0)
         check_number("model.warmup_fraction", warmup_fraction, low=0, high=1, high_inclusive=False)
@@ -213,11 +219,10 @@ class SegmentationModule(pl.LightningModule):
 
     def infer(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window probabilities ``softmax(logits / T)`` ``(B, C, *spatial)`` (float32) for a whole volume
-        ``(B, K, *spatial)``; ``T`` is ``temperature`` (1 when None)."""
-        logits = self.infer_logits(image)
-        if self.temperature is not None:
-            logits = logits / self.temperature
-        return torch.softmax(logits, dim=1)
+        ``(B, K, *spatial)``; ``T`` is ``temperature`` (1 when None). With ``tta="flips"``, their mean over the
+        flips of the spatial axes (:func:`medjdt.models.tta.flip_averaged`)."""
+        scale = 1.0 if self.temperature is None else self.temperature
+        return tta_prediction(lambda x: torch.softmax(self.infer_logits(x) / scale, dim=1), image, self.tta)
 
     def infer_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits ``(B, C, *spatial)`` (float32, unscaled) for a whole volume ``(B, K, *spatial)``."""

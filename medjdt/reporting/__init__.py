@@ -3,6 +3,8 @@
 * :func:`write_fused_targets` (``medjdt fuse``): one fused target per case as NIfTI, plus an index CSV.
 * :func:`evaluate_predictions` (``medjdt evaluate``): saved probability maps against the mean, the majority and
   each rater, next to the inter-rater baseline (each rater against the others).
+* :func:`write_rater_report` (``medjdt raters``): how much the raters disagree, before training, and whether one
+  is an outlier (:func:`rater_agreement` for the numbers alone).
 * :func:`run_sweep` (``medjdt sweep``): one training run per (fusion method, seed), resumable.
 * :func:`write_report` (``medjdt report``): reliability diagrams and a fusion-method comparison table from run
   directories (:func:`load_runs`), with :func:`summary_table`, :func:`pooled_reliability`, :func:`bootstrap_ci`
@@ -23,6 +25,10 @@ _EXPORTS = {
     "inter_rater_agreement": "medjdt.reporting.evaluate",
     "FusionOutput": "medjdt.reporting.fused_targets",
     "write_fused_targets": "medjdt.reporting.fused_targets",
+    "RaterAgreement": "medjdt.reporting.raters",
+    "RaterReport": "medjdt.reporting.rater_report",
+    "rater_agreement": "medjdt.reporting.raters",
+    "write_rater_report": "medjdt.reporting.rater_report",
     "comparison_figure": "medjdt.reporting.plots",
     "plot_reliability": "medjdt.reporting.plots",
     "reliability_figure": "medjdt.reporting.plots",

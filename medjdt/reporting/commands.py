@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from medjdt._paths import existing_file, existing_folder, writable_file, writable_folder
+from medjdt.validation import check_number
 
 FUSE_HELP = "fuse every case's raters into one target per case (NIfTI) and write an index CSV"
 EVALUATE_HELP = "metrics of saved probability maps against the raters, with the inter-rater baseline"
@@ -48,6 +49,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="results CSV to write")
     parser.add_argument("--folds", type=int, nargs="+", help="evaluate only these folds (default: every case)")
     parser.add_argument("--ece-bins", type=int, default=15, help="confidence bins of the ECE (default 15)")
+    parser.add_argument("--case-views", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw the best, median and worst case by Dice into case_views/ beside --out (default on)")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -55,14 +58,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
     existing_file(args.manifest, "manifest (--manifest)")
     existing_folder(args.predictions, "predictions folder (--predictions)")
     writable_file(args.out, "results CSV (--out)")
+    from pathlib import Path
+
     from medjdt.data.atomic import atomic_write
     from medjdt.reporting.evaluate import evaluate_predictions
 
-    results = evaluate_predictions(args.manifest, args.predictions, folds=args.folds, n_bins=args.ece_bins)
+    views = Path(args.out).parent / "case_views" if args.case_views else None
+    results = evaluate_predictions(args.manifest, args.predictions, folds=args.folds, n_bins=args.ece_bins,
+                                   case_views=views)
     atomic_write(args.out, lambda tmp: results.to_csv(tmp, index=False), suffix=".csv")
     means = results.groupby(["predictor", "reference"])[["dice", "soft_dice", "ece", "brier"]].mean()
     print(f"{results['case_id'].nunique()} case(s) -> {args.out}; means over cases (and raters):")
     print(means.round(4).to_string())
+    if views is not None:
+        pngs = sorted(views.glob("*.png"))
+        print(f"case views (best, median, worst by Dice): {', '.join(map(str, pngs)) or 'none (no case has a Dice)'}")
     return 0
 
 
@@ -103,6 +113,9 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``medjdt report``."""
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (medjdt fit or sweep)")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--case-views", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw the best, median and worst case by Dice when the runs' predictions are found "
+                        "(<run>/predict/last*/predictions; default on)")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -112,11 +125,12 @@ def run_report(args: argparse.Namespace) -> int:
     writable_folder(args.out, "output folder (--out)", create=False)
     from medjdt.reporting.report import write_report
 
-    files = write_report(args.runs, args.out)
+    files = write_report(args.runs, args.out, case_views=args.case_views)
     print(files.markdown, end="")
     print(
         f"report in {args.out}: {files.summary_csv.name}, {files.summary_markdown.name}, "
-        f"{files.comparison_png.name}, {len(files.reliability_pngs)} reliability diagram(s)"
+        f"{files.comparison_png.name}, {len(files.reliability_pngs)} reliability diagram(s), "
+        f"{len(files.case_view_pngs)} case view(s)"
     )
     return 0
 
@@ -173,10 +187,34 @@ def run_study_command(args: argparse.Namespace) -> int:
     return 0
 
 
+RATERS_HELP = "how much the raters disagree (pairwise Dice and HD95, STAPLE sensitivity/specificity) and any outlier"
+
+
+def add_raters_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``medjdt raters``."""
+    parser.add_argument("--manifest", required=True, help="dataset manifest CSV")
+    parser.add_argument("--out", required=True, help="output folder: CSV tables, raters.md and figures")
+    parser.add_argument("--workers", type=int, default=1, help="cases read and scored in parallel (default 1)")
+
+
+def run_raters(args: argparse.Namespace) -> int:
+    """Write the rater report; print its lead sentence and where it is."""
+    existing_file(args.manifest, "manifest (--manifest)")
+    writable_folder(args.out, "output folder (--out)", create=False)
+    check_number("--workers", args.workers, low=1, integer=True)
+    from medjdt.reporting.rater_report import write_rater_report
+
+    report = write_rater_report(args.manifest, args.out, workers=args.workers)
+    print(report.sentence)
+    print(f"rater report in {args.out}: {', '.join(sorted(report.files))}")
+    return 0
+
+
 COMMANDS = {
     "fuse": (FUSE_HELP, add_fuse_arguments, run_fuse),
     "evaluate": (EVALUATE_HELP, add_evaluate_arguments, run_evaluate),
     "sweep": (SWEEP_HELP, add_sweep_arguments, run_sweep_command),
     "report": (REPORT_HELP, add_report_arguments, run_report),
     "study": (STUDY_HELP, add_study_arguments, run_study_command),
+    "raters": (RATERS_HELP, add_raters_arguments, run_raters),
 }

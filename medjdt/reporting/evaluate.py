@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from medjdt._paths import child_path
+from medjdt._progress import progress
 from medjdt.data.io import AFFINE_ATOL_MM, load_case
 from medjdt.data.manifest import CaseRecord, Manifest, read_manifest
 from medjdt.labels import fuse
@@ -231,10 +232,13 @@ def evaluate_predictions(
     *,
     folds: Iterable[int] | None = None,
     n_bins: int = 15,
+    case_views: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Evaluate the probability maps in ``predictions`` (``<case_id>_probs.nii.gz``, as written by
     ``medjdt predict``) against the raters of the cases of ``manifest``: those of ``folds`` when given, else the
-    cases ``medjdt predict`` recorded for the folder (:func:`predicted_cases`), else every case.
+    cases ``medjdt predict`` recorded for the folder (:func:`predicted_cases`), else every case. With
+    ``case_views`` (a folder), the best, median and worst case by Dice against the majority vote are drawn there
+    (:func:`medjdt.reporting.case_views.write_case_views`).
 
     Returns:
         One row per (case, comparison), sorted by :data:`KEY_COLUMNS`; row kinds and metrics in the module
@@ -245,7 +249,7 @@ def evaluate_predictions(
             channel count differs from the case's image, invalid probabilities, or any error of
             :func:`medjdt.data.load_case`; and for a bad manifest or an empty fold selection.
     """
-    return evaluate_with_reliability(manifest, predictions, folds=folds, n_bins=n_bins)[0]
+    return evaluate_with_reliability(manifest, predictions, folds=folds, n_bins=n_bins, case_views=case_views)[0]
 
 
 def _evaluated_records(manifest_data: Manifest, records: list[CaseRecord], directory: Path,
@@ -274,6 +278,7 @@ def evaluate_with_reliability(
     *,
     folds: Iterable[int] | None = None,
     n_bins: int = 15,
+    case_views: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`evaluate_predictions`, plus the reliability bins of the model against the mean of the raters pooled
     over every evaluated voxel (columns ``bin_lower, bin_upper, count, confidence, accuracy``), from one pass."""
@@ -284,7 +289,7 @@ def evaluate_with_reliability(
     is_kits = manifest_data.metadata.get("layout") in ("kits21", "kits23") and manifest_data.spatial_dims == 3
     calibration = CalibrationMetrics(manifest_data.num_classes, n_bins=n_bins)
     rows = []
-    for record in records:
+    for record in progress(records, desc="evaluate"):
         case = load_case(record, num_classes=manifest_data.num_classes, spatial_dims=manifest_data.spatial_dims)
         probs = read_probabilities(
             child_path(directory, f"{record.case_id}{PROBABILITY_SUFFIX}", "case_id"),
@@ -302,6 +307,10 @@ def evaluate_with_reliability(
         )
         calibration.update(probs, fuse(raters, "mean", manifest_data.num_classes)[None], case_ids=[record.case_id])
     frame = pd.DataFrame(rows).sort_values(list(KEY_COLUMNS), ignore_index=True)
+    if case_views is not None:
+        from medjdt.reporting.case_views import write_case_views  # it draws with matplotlib and reads this module
+
+        write_case_views(frame, manifest_data, records, directory, case_views)
     return frame, calibration.reliability()
 
 

@@ -32,6 +32,7 @@ import torch
 
 from medjdt._documents import read_json_object
 from medjdt._paths import child_path
+from medjdt._progress import progress as progress_bar
 from medjdt.data.atomic import atomic_write, atomic_write_text
 from medjdt.data.io import load_case, write_nifti
 from medjdt.data.manifest import CaseRecord, Manifest, read_manifest
@@ -149,7 +150,7 @@ def write_fused_targets(
     }
     _check_settings(out, settings)
     written = kept = 0
-    for record in records:
+    for record in progress_bar(records, desc=f"fuse ({method})"):
         path = target_path(out, record.case_id)
         if path.is_file() and _is_complete(path, _expected_shape(record, data, method)):
             kept += 1
